@@ -1,0 +1,477 @@
+//! Single-flight blob fills: one upstream download per digest, however many clients ask.
+//!
+//! The first request for a missing blob starts a *fill*, a task detached from every client
+//! connection. It streams the upstream body into a temp file while hashing it and publishes
+//! its progress (`written` bytes) on a `watch` channel. Every reader, the first included,
+//! tails that file through its own read handle up to `written`, so:
+//!
+//! - followers get bytes as they arrive, not after the fill ends;
+//! - memory stays bounded: nothing is buffered per reader, a slow client only lags in the
+//!   file, and the fill never waits for a reader;
+//! - a client that disconnects cancels nothing shared. A fill always runs to its end (so the
+//!   next pull is warm); what bounds it is the upstream's silence timeout, not its readers.
+//!
+//! A fill ends in one of two states. `Done`: the sha256 matched, the file was renamed into
+//! the store, readers finish from their open handle. `Failed`: the temp file is deleted and
+//! every reader's body fails with an error, which aborts its HTTP response, so a client sees
+//! a broken download, never a clean short or wrong body. Either way the fill leaves the
+//! in-flight map, and the next request starts afresh. If the task dies without saying
+//! either (a panic), the dropped `watch` sender fails the readers the same way.
+//!
+//! A cut upstream connection is resumed with a Range request from the last byte written,
+//! still hashing the whole blob, a bounded number of times.
+//!
+//! Range requests on a cold blob are served from the fill as well: the reader starts at its
+//! offset and waits for the fill to get there. One download serves everyone, and the whole
+//! blob is verified and cached; the cost is that a client asking for the end of a cold blob
+//! waits for the bytes before it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, Stream, StreamExt};
+use http::StatusCode;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::reference::{Digest, RepoName};
+use crate::store::Store;
+use crate::upstream::{Upstream, UpstreamError};
+
+/// Why a fill failed, as every reader of it sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("upstream {upstream} sent content with digest {actual} for {expected}")]
+    DigestMismatch { upstream: String, expected: Digest, actual: Digest },
+    #[error("upstream {upstream} sent {received} bytes, announced {announced}")]
+    WrongLength { upstream: String, announced: u64, received: u64 },
+    #[error("the upstream download was cut and could not be resumed: {0}")]
+    Cut(String),
+    #[error("cache storage error: {0}")]
+    Storage(#[from] io::Error),
+    #[error("the fill stopped unexpectedly")]
+    Abandoned,
+}
+
+impl FillError {
+    /// The upstream's status, when the failure is its answer (404 → the client's 404).
+    pub fn upstream_status(&self) -> Option<StatusCode> {
+        match self {
+            FillError::Upstream(UpstreamError::Status { status, .. }) => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A fill's progress, as published to its readers.
+#[derive(Clone)]
+enum FillState {
+    /// Waiting for the upstream's response headers.
+    Connecting,
+    /// Bytes `0..written` are in `file`. `size` is the upstream's Content-Length.
+    Running {
+        size: Option<u64>,
+        written: u64,
+        file: Arc<File>,
+    },
+    /// All bytes are in `file` and their digest matched.
+    Done {
+        size: u64,
+        file: Arc<File>,
+    },
+    Failed(Arc<FillError>),
+}
+
+/// The in-flight fills, by digest, across all repositories and upstreams.
+pub struct Fills {
+    store: Store,
+    metrics: Arc<Metrics>,
+    /// Shared with the fill tasks, which leave the map when they end. A std Mutex: held only
+    /// to look up, insert or remove, never across an await.
+    inflight: Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>,
+}
+
+/// How often a cut download is resumed before the fill fails.
+const MAX_RESUMES: u32 = 3;
+const RESUME_BACKOFF: Duration = Duration::from_millis(200);
+/// Writes gather what already arrived, up to this much, into one blocking write.
+const MAX_WRITE_BATCH: usize = 1 << 20;
+/// The size of the chunks readers send.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// A blob ready to be streamed: from the store, or from a fill in progress.
+pub struct BlobHandle {
+    source: ReadSource,
+    /// The full size, when known (always for a cached blob).
+    size: Option<u64>,
+}
+
+#[derive(Clone)]
+enum ReadSource {
+    Complete(Arc<File>),
+    Fill(watch::Receiver<FillState>),
+}
+
+/// Whether a blob came from the cache or started / joined a fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Cache,
+    Fill,
+}
+
+impl Fills {
+    pub fn new(store: Store, metrics: Arc<Metrics>) -> Self {
+        Fills { store, metrics, inflight: Arc::default() }
+    }
+
+    /// The blob `digest`: opened from the store, or streamed from the (possibly new) fill.
+    /// Returns once the upstream's headers arrived, so upstream errors such as 404 become the
+    /// client's status instead of a broken body.
+    pub async fn open(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<(BlobHandle, Origin), Arc<FillError>> {
+        if let Some(blob) = self.store.open_blob(digest).await.map_err(|e| Arc::new(e.into()))? {
+            let handle = BlobHandle { size: Some(blob.size), source: ReadSource::Complete(Arc::new(blob.file)) };
+            return Ok((handle, Origin::Cache));
+        }
+        let mut state = match self.join_or_start(upstream, repo, digest) {
+            Some(state) => state,
+            // Committed between our two looks: read it from the store.
+            None => return Box::pin(self.open(upstream, repo, digest)).await,
+        };
+        let current = state
+            .wait_for(|s| !matches!(s, FillState::Connecting))
+            .await
+            .map(|s| s.clone())
+            .map_err(|_| Arc::new(FillError::Abandoned))?;
+        let size = match current {
+            FillState::Running { size, .. } => size,
+            FillState::Done { size, .. } => Some(size),
+            FillState::Failed(e) => return Err(e),
+            FillState::Connecting => unreachable!("waited for a later state"),
+        };
+        Ok((BlobHandle { size, source: ReadSource::Fill(state) }, Origin::Fill))
+    }
+
+    /// The size of a blob being filled right now, if any fill knows it.
+    pub fn inflight_size(&self, digest: &Digest) -> Option<u64> {
+        let inflight = self.inflight.lock().expect("fills map poisoned");
+        match &*inflight.get(digest)?.borrow() {
+            FillState::Running { size, .. } => *size,
+            FillState::Done { size, .. } => Some(*size),
+            _ => None,
+        }
+    }
+
+    /// Joins the fill for `digest`, or starts one. `None` when the blob got committed since
+    /// the caller looked (checked under the lock, which the fill takes to leave the map after
+    /// its commit, so no fill can slip between the two looks).
+    fn join_or_start(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Option<watch::Receiver<FillState>> {
+        let mut inflight = self.inflight.lock().expect("fills map poisoned");
+        if let Some(state) = inflight.get(digest) {
+            return Some(state.clone());
+        }
+        if self.store.has_blob(digest) {
+            return None;
+        }
+        let (tx, rx) = watch::channel(FillState::Connecting);
+        inflight.insert(*digest, rx.clone());
+        drop(inflight);
+
+        let fill = FillTask {
+            upstream: upstream.clone(),
+            repo: repo.clone(),
+            digest: *digest,
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            state: tx,
+        };
+        let inflight = self.inflight.clone();
+        tokio::spawn(async move {
+            fill.run().await;
+            inflight.lock().expect("fills map poisoned").remove(&fill.digest);
+        });
+        Some(rx)
+    }
+}
+
+/// One download: upstream -> temp file + sha256 -> store.
+struct FillTask {
+    upstream: Arc<Upstream>,
+    repo: RepoName,
+    digest: Digest,
+    store: Store,
+    metrics: Arc<Metrics>,
+    state: watch::Sender<FillState>,
+}
+
+impl FillTask {
+    async fn run(&self) {
+        self.metrics.inflight_fetches.inc();
+        let result = self.download().await;
+        self.metrics.inflight_fetches.dec();
+        if let Err(error) = result {
+            match &error {
+                FillError::DigestMismatch { .. } => {
+                    self.metrics.digest_mismatches.with_label_values(&[self.upstream.name()]).inc();
+                    tracing::error!(digest = %self.digest, repo = %self.repo, %error, "blob refused: digest mismatch");
+                }
+                _ => tracing::warn!(digest = %self.digest, repo = %self.repo, %error, "blob fill failed"),
+            }
+            self.state.send_replace(FillState::Failed(Arc::new(error)));
+        }
+    }
+
+    async fn download(&self) -> Result<(), FillError> {
+        let _permit = self.upstream.fetch_permit().await;
+        let response = self.upstream.check(self.upstream.blob(&self.repo, &self.digest, 0).await?)?;
+        let size = response.content_length();
+
+        let temp = self.store.temp_file()?;
+        let reader = Arc::new(temp.reopen()?);
+        let mut writer = Writer { file: temp.as_file().try_clone()?, hasher: Sha256::new() };
+        self.state.send_replace(FillState::Running { size, written: 0, file: reader.clone() });
+
+        let mut written = 0u64;
+        let mut body = response.bytes_stream().boxed();
+        let mut resumes = 0;
+        loop {
+            let batch = match next_batch(&mut body).await {
+                Ok(Some(batch)) => batch,
+                Ok(None) => break,
+                Err(error) if resumes < MAX_RESUMES => {
+                    resumes += 1;
+                    tracing::info!(digest = %self.digest, written, %error, "upstream cut the download; resuming");
+                    tokio::time::sleep(RESUME_BACKOFF * resumes).await;
+                    body = self.resume(written).await?.bytes_stream().boxed();
+                    continue;
+                }
+                Err(error) => return Err(FillError::Cut(error.to_string())),
+            };
+            let len = batch.len() as u64;
+            if size.is_some_and(|size| written + len > size) {
+                return Err(self.wrong_length(size, written + len));
+            }
+            writer = tokio::task::spawn_blocking(move || writer.append(&batch).map(|()| writer))
+                .await
+                .map_err(|_| FillError::Abandoned)??;
+            written += len;
+            self.upstream.count_bytes(len);
+            self.state.send_modify(|s| {
+                if let FillState::Running { written: w, .. } = s {
+                    *w = written;
+                }
+            });
+        }
+        if size.is_some_and(|size| written != size) {
+            return Err(self.wrong_length(size, written));
+        }
+        let actual = Digest::from_sha256(writer.hasher.finalize().into());
+        if actual != self.digest {
+            return Err(FillError::DigestMismatch {
+                upstream: self.upstream.name().to_owned(),
+                expected: self.digest,
+                actual,
+            });
+        }
+        // Verified: readers may finish even if storing fails (they hold the file open).
+        let store = self.store.clone();
+        let digest = self.digest;
+        let committed = tokio::task::spawn_blocking(move || store.commit_blob(temp, &digest)).await;
+        match committed {
+            Ok(Ok(())) => tracing::info!(digest = %self.digest, size = written, "blob cached"),
+            Ok(Err(error)) => {
+                self.metrics.cache_store_failures.inc();
+                tracing::error!(digest = %self.digest, %error, "verified blob could not be stored");
+            }
+            Err(_) => return Err(FillError::Abandoned),
+        }
+        self.state.send_replace(FillState::Done { size: written, file: reader });
+        Ok(())
+    }
+
+    /// Asks the upstream for the rest of the blob from `offset`.
+    async fn resume(&self, offset: u64) -> Result<reqwest::Response, FillError> {
+        let response = self.upstream.check(self.upstream.blob(&self.repo, &self.digest, offset).await?)?;
+        let start = response
+            .headers()
+            .get(http::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(content_range_start);
+        if response.status() != StatusCode::PARTIAL_CONTENT || start != Some(offset) {
+            return Err(FillError::Cut(format!("upstream cannot resume at byte {offset}")));
+        }
+        Ok(response)
+    }
+
+    fn wrong_length(&self, announced: Option<u64>, received: u64) -> FillError {
+        FillError::WrongLength {
+            upstream: self.upstream.name().to_owned(),
+            announced: announced.unwrap_or_default(),
+            received,
+        }
+    }
+}
+
+/// `bytes 100-199/1000` -> 100.
+fn content_range_start(value: &str) -> Option<u64> {
+    value.strip_prefix("bytes ")?.split('-').next()?.trim().parse().ok()
+}
+
+/// The temp file's write handle and the running hash of everything written to it.
+struct Writer {
+    file: File,
+    hasher: Sha256,
+}
+
+impl Writer {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all(bytes)?;
+        self.hasher.update(bytes);
+        Ok(())
+    }
+}
+
+type ByteStream = futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>;
+
+/// Waits for the next chunk, then gathers whatever else has already arrived (up to
+/// [`MAX_WRITE_BATCH`]) without waiting: low latency when bytes trickle, few writes when
+/// they pour.
+async fn next_batch(body: &mut ByteStream) -> reqwest::Result<Option<Bytes>> {
+    let Some(first) = body.next().await.transpose()? else { return Ok(None) };
+    if first.len() >= MAX_WRITE_BATCH {
+        return Ok(Some(first));
+    }
+    let mut batch = BytesMut::from(&first[..]);
+    while batch.len() < MAX_WRITE_BATCH {
+        match body.next().now_or_never() {
+            Some(Some(chunk)) => batch.extend_from_slice(&chunk?),
+            // Nothing more right now, or the end: the next call will see it.
+            _ => break,
+        }
+    }
+    Ok(Some(batch.freeze()))
+}
+
+impl BlobHandle {
+    /// The blob's size if known now.
+    pub fn size(&self) -> Option<u64> {
+        self.size
+    }
+
+    /// The blob's size, waiting for the fill to finish if the upstream did not announce it.
+    pub async fn wait_size(&mut self) -> io::Result<u64> {
+        if let Some(size) = self.size {
+            return Ok(size);
+        }
+        let ReadSource::Fill(state) = &mut self.source else { unreachable!("complete blobs know their size") };
+        let done = state
+            .wait_for(|s| matches!(s, FillState::Done { .. } | FillState::Failed(_)))
+            .await
+            .map_err(|_| io::Error::other(FillError::Abandoned))?
+            .clone();
+        match done {
+            FillState::Done { size, .. } => {
+                self.size = Some(size);
+                Ok(size)
+            }
+            FillState::Failed(e) => Err(io::Error::other(e.to_string())),
+            _ => unreachable!("waited for an end state"),
+        }
+    }
+
+    /// Streams bytes `start..end` (`end` = `None`: to the end of the blob). The stream fails,
+    /// rather than ends, if the fill fails: a client must never take a short body for a blob.
+    pub fn stream(self, start: u64, end: Option<u64>) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let reader = Reader { source: self.source, pos: start, end: end.or(self.size) };
+        futures_util::stream::try_unfold(reader, |mut reader| async move {
+            let chunk = reader.next_chunk().await?;
+            Ok(chunk.map(|c| (c, reader)))
+        })
+    }
+}
+
+struct Reader {
+    source: ReadSource,
+    pos: u64,
+    end: Option<u64>,
+}
+
+impl Reader {
+    async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        if self.end.is_some_and(|end| self.pos >= end) {
+            return Ok(None);
+        }
+        let (file, available) = match &mut self.source {
+            ReadSource::Complete(file) => (file.clone(), self.end.expect("complete blobs have an end")),
+            ReadSource::Fill(state) => {
+                let pos = self.pos;
+                let ready = state
+                    .wait_for(|s| match s {
+                        FillState::Running { written, .. } => *written > pos,
+                        _ => !matches!(s, FillState::Connecting),
+                    })
+                    .await
+                    .map_err(|_| io::Error::other(FillError::Abandoned))?
+                    .clone();
+                match ready {
+                    FillState::Running { written, file, .. } => (file, written),
+                    FillState::Done { size, file } => {
+                        self.end = Some(self.end.map_or(size, |end| end.min(size)));
+                        (file, size)
+                    }
+                    FillState::Failed(e) => return Err(io::Error::other(e.to_string())),
+                    FillState::Connecting => unreachable!("waited for a later state"),
+                }
+            }
+        };
+        let limit = self.end.map_or(available, |end| end.min(available));
+        if self.pos >= limit {
+            // Only reachable when the fill finished before `end`: the blob is shorter than asked.
+            return if self.end.is_some_and(|end| self.pos >= end) {
+                Ok(None)
+            } else {
+                Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob shorter than requested"))
+            };
+        }
+        let len = (limit - self.pos).min(READ_CHUNK as u64) as usize;
+        let pos = self.pos;
+        let chunk = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0; len];
+            file.read_exact_at(&mut buf, pos)?;
+            Ok::<_, io::Error>(Bytes::from(buf))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        self.pos += chunk.len() as u64;
+        Ok(Some(chunk))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_start_parses() {
+        assert_eq!(content_range_start("bytes 100-199/1000"), Some(100));
+        assert_eq!(content_range_start("bytes 0-0/*"), Some(0));
+        assert_eq!(content_range_start("items 1-2/3"), None);
+    }
+}

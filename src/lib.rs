@@ -1,0 +1,32 @@
+//! regmirror: a pull-through caching mirror for container registries.
+//!
+//! Docker, containerd and podman pull through it; it resolves each pull against an upstream
+//! registry, streams blobs to the client while hashing them into a content-addressed disk
+//! cache, commits a blob only when its sha256 matches, and serves later pulls locally.
+//!
+//! # Layout
+//! - [`config`]: clap flags + TOML file + `REGMIRROR_*` env -> one validated `Config`.
+//! - [`reference`]: `RepoName`, `Tag`, `Digest`: validated once at the edge, trusted after.
+//! - [`routes`]: a pure parse of method + path into a `Route`.
+//! - [`server`]: the accept loop and graceful shutdown.
+//! - [`handler`]: HTTP framing of one request: route, call the mirror, write headers.
+//! - [`mirror`]: the pull-through logic for manifests, tags, blobs and tag lists.
+//! - [`fetch`]: single-flight blob fills: one upstream download, many readers.
+//! - [`store`]: content-addressed files on disk with atomic commits.
+//! - [`upstream`]: the registry client: auth challenges, token cache, retries, redirects.
+//! - [`range`]: `Range` header parsing.
+//! - [`error`]: the request error and its one mapping to OCI error responses.
+//! - [`metrics`]: the Prometheus metrics of the contract.
+
+pub mod config;
+pub mod error;
+pub mod fetch;
+pub mod handler;
+pub mod metrics;
+pub mod mirror;
+pub mod range;
+pub mod reference;
+pub mod routes;
+pub mod server;
+pub mod store;
+pub mod upstream;

@@ -1,0 +1,488 @@
+//! The pull-through logic: answer from the cache when it can, else from the upstream, filling
+//! the cache on the way. HTTP framing lives in `handler`; this module speaks in manifests,
+//! blobs and tag lists.
+//!
+//! Manifests are cached by digest, exactly as fetched. A tag is a record `tag -> digest`
+//! trusted for `tag_ttl`; after that a `HEAD` (free on Docker Hub's pull limit) revalidates
+//! it. When the upstream is down or limits us, a cached tag is served stale rather than
+//! failing a pull that the cache can answer.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, StatusCode, header};
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::fetch::{BlobHandle, Fills, Origin};
+use crate::metrics::{Kind, Metrics};
+use crate::reference::{Digest, Reference, RepoName, Tag};
+use crate::store::{Store, StoredManifest, TagRecord, unix_now};
+use crate::upstream::{MANIFEST_ACCEPT, Upstream, UpstreamError, read_limited};
+
+/// Manifests larger than this are refused, as the distribution spec allows and Docker does.
+pub const MAX_MANIFEST_SIZE: usize = 4 << 20;
+
+/// The media types we cache tags for: what [`MANIFEST_ACCEPT`] asks for.
+const MANIFEST_TYPES: [&str; 4] = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+pub struct Mirror {
+    config: Config,
+    store: Store,
+    upstreams: Vec<Arc<Upstream>>,
+    fills: Fills,
+    metrics: Arc<Metrics>,
+}
+
+/// A manifest ready to serve.
+pub struct Manifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+/// A small JSON answer passed through from the upstream (tag lists, referrers).
+pub struct JsonAnswer {
+    pub content_type: String,
+    pub body: Bytes,
+    /// Headers worth passing on (`Link` for pagination, `OCI-Filters-Applied`).
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open cache directory {path}: {source}")]
+    Store { path: String, source: std::io::Error },
+    #[error("cannot build the HTTP client for upstream {name}: {source}")]
+    Client { name: String, source: reqwest::Error },
+}
+
+impl Mirror {
+    /// Opens the cache and prepares the upstream clients. Contacts no upstream: the mirror
+    /// starts and serves its cache even when every upstream is down.
+    pub fn open(config: Config) -> Result<Arc<Mirror>, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::open(&config.cache_dir)
+            .map_err(|source| StartError::Store { path: config.cache_dir.display().to_string(), source })?;
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                Upstream::new(u.clone(), metrics.clone())
+                    .map(Arc::new)
+                    .map_err(|source| StartError::Client { name: u.name.clone(), source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        metrics.cache_max_size_bytes.set(config.max_cache_size.min(i64::MAX as u64) as i64);
+        let fills = Fills::new(store.clone(), metrics.clone());
+        Ok(Arc::new(Mirror { config, store, upstreams, fills, metrics }))
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The metrics, for bodies that count bytes after the handler returned.
+    pub fn metrics_arc(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The upstream a request is for: the one named by `?ns=`, else the default. A name that
+    /// is not configured is refused: the mirror never contacts hosts it was not given.
+    pub fn upstream(&self, ns: Option<&str>) -> Result<&Arc<Upstream>, Error> {
+        match ns {
+            None => Ok(&self.upstreams[0]),
+            Some(name) => self
+                .upstreams
+                .iter()
+                .find(|u| u.name() == name)
+                .ok_or_else(|| Error::UnknownUpstream(name.chars().take(80).collect())),
+        }
+    }
+
+    /// The name a repository is cached under: the same for `alpine` and `library/alpine` on
+    /// Docker Hub, so both share one cache entry.
+    fn cache_name(&self, upstream: &Upstream, repo: &RepoName) -> RepoName {
+        if upstream.config().is_docker_hub() && repo.is_single_component() {
+            repo.with_prefix("library").unwrap_or_else(|_| repo.clone())
+        } else {
+            repo.clone()
+        }
+    }
+
+    /// A manifest by tag or digest. `accept` is the client's Accept header.
+    pub async fn manifest(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<Manifest, Error> {
+        let repo = self.cache_name(upstream, repo);
+        match reference {
+            Reference::Digest(digest) => self.manifest_by_digest(upstream, &repo, digest, accept).await,
+            Reference::Tag(tag) => self.manifest_by_tag(upstream, &repo, tag, accept).await,
+        }
+    }
+
+    async fn manifest_by_digest(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+        accept: Option<&str>,
+    ) -> Result<Manifest, Error> {
+        if let Some(stored) = self.store.manifest(digest).await? {
+            self.metrics.hit(Kind::Manifest);
+            return Ok(Manifest { digest: *digest, media_type: stored.media_type, bytes: stored.bytes });
+        }
+        self.metrics.miss(Kind::Manifest);
+        let accept = accept.filter(|a| !a.trim().is_empty()).unwrap_or(MANIFEST_ACCEPT);
+        let manifest = self.fetch_manifest(upstream, repo, &digest.to_string(), accept, Some(digest)).await?;
+        Ok(manifest)
+    }
+
+    async fn manifest_by_tag(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+        accept: Option<&str>,
+    ) -> Result<Manifest, Error> {
+        let cached = self.cached_tag(upstream, repo, tag, accept).await?;
+        if let Some((record, stored)) = &cached {
+            let age = unix_now().saturating_sub(record.checked_at);
+            if age < self.config.tag_ttl.as_secs() || self.revalidate(upstream, repo, tag, record).await {
+                self.metrics.hit(Kind::Manifest);
+                return Ok(Manifest {
+                    digest: record.digest,
+                    media_type: stored.media_type.clone(),
+                    bytes: stored.bytes.clone(),
+                });
+            }
+        }
+        self.metrics.miss(Kind::Manifest);
+        // Ask with our full list when the client takes all of it, so the answer can be cached
+        // for every client; otherwise with the client's own list, uncached as a tag.
+        let full = accepts_all(accept);
+        let ask = if full { MANIFEST_ACCEPT } else { accept.unwrap_or(MANIFEST_ACCEPT) };
+        match self.fetch_manifest(upstream, repo, tag.as_str(), ask, None).await {
+            Ok(manifest) => {
+                if full {
+                    let record = TagRecord {
+                        digest: manifest.digest,
+                        media_type: manifest.media_type.clone(),
+                        checked_at: unix_now(),
+                    };
+                    self.store.put_tag(upstream.name(), repo, tag, &record).await?;
+                }
+                Ok(manifest)
+            }
+            Err(error) if is_upstream_trouble(&error) => match cached {
+                Some((record, stored)) => {
+                    tracing::warn!(repo = %repo, tag = %tag, %error, "upstream unavailable: serving cached tag stale");
+                    self.metrics.hit(Kind::Manifest);
+                    Ok(Manifest { digest: record.digest, media_type: stored.media_type, bytes: stored.bytes })
+                }
+                None => Err(error),
+            },
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The cached tag record and its manifest, if both exist and the client accepts its type.
+    async fn cached_tag(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+        accept: Option<&str>,
+    ) -> Result<Option<(TagRecord, StoredManifest)>, Error> {
+        let Some(record) = self.store.tag(upstream.name(), repo, tag).await? else { return Ok(None) };
+        if !accepts(accept, &record.media_type) {
+            return Ok(None);
+        }
+        Ok(self.store.manifest(&record.digest).await?.map(|m| (record, m)))
+    }
+
+    /// Asks the upstream (HEAD) whether `tag` still points at the cached digest. True when it
+    /// does (the record is refreshed) or when the upstream cannot say (serve stale).
+    async fn revalidate(&self, upstream: &Upstream, repo: &RepoName, tag: &Tag, record: &TagRecord) -> bool {
+        let answer = upstream.manifest(Method::HEAD, repo, tag.as_str(), MANIFEST_ACCEPT).await;
+        let current = match answer {
+            Ok(r) if r.status().is_success() => r
+                .headers()
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| Digest::parse(v).ok()),
+            // Gone upstream, or refused: fetch again and report what the upstream says.
+            Ok(r) if matches!(r.status(), StatusCode::NOT_FOUND | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                return false;
+            }
+            Ok(r) => {
+                tracing::warn!(repo = %repo, tag = %tag, status = %r.status(), "tag revalidation failed: serving cached tag stale");
+                return true;
+            }
+            Err(error) => {
+                tracing::warn!(repo = %repo, tag = %tag, %error, "tag revalidation failed: serving cached tag stale");
+                return true;
+            }
+        };
+        if current != Some(record.digest) {
+            return false;
+        }
+        let refreshed = TagRecord { checked_at: unix_now(), ..record.clone() };
+        if let Err(error) = self.store.put_tag(upstream.name(), repo, tag, &refreshed).await {
+            tracing::warn!(%error, "could not refresh a tag record");
+        }
+        true
+    }
+
+    /// GETs a manifest, verifies its digest (against `expected` and the upstream's
+    /// `Docker-Content-Digest`), and stores it.
+    async fn fetch_manifest(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        reference: &str,
+        accept: &str,
+        expected: Option<&Digest>,
+    ) -> Result<Manifest, Error> {
+        let response = upstream.manifest(Method::GET, repo, reference, accept).await;
+        let response = response.and_then(|r| upstream.check(r)).map_err(|e| Error::upstream(Kind::Manifest, e))?;
+        let announced =
+            response.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let content_type =
+            response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let bytes =
+            read_limited(response, MAX_MANIFEST_SIZE).await.map_err(|e| Error::manifest_body(upstream.name(), e))?;
+        upstream.count_bytes(bytes.len() as u64);
+
+        let digest = Digest::of(&bytes);
+        let claimed = expected.map(Digest::to_string).or(announced.filter(|a| a.starts_with("sha256:")));
+        if let Some(claimed) = claimed.filter(|c| *c != digest.to_string()) {
+            self.metrics.digest_mismatches.with_label_values(&[upstream.name()]).inc();
+            tracing::error!(repo = %repo, reference, expected = %claimed, actual = %digest, "manifest refused: digest mismatch");
+            return Err(Error::ManifestDigestMismatch {
+                upstream: upstream.name().to_owned(),
+                expected: claimed,
+                actual: digest.to_string(),
+            });
+        }
+        let media_type = manifest_media_type(content_type.as_deref(), &bytes).ok_or_else(|| {
+            Error::ManifestInvalid { upstream: upstream.name().to_owned(), reason: "not a JSON manifest".into() }
+        })?;
+        let stored = StoredManifest { bytes, media_type };
+        self.store.put_manifest(&digest, &stored).await?;
+        Ok(Manifest { digest, media_type: stored.media_type, bytes: stored.bytes })
+    }
+
+    /// A blob: from the cache, or streamed from a (shared) fill.
+    pub async fn blob(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<(BlobHandle, Origin), Error> {
+        let repo = self.cache_name(upstream, repo);
+        let (handle, origin) = self.fills.open(upstream, &repo, digest).await.map_err(Error::Fill)?;
+        match origin {
+            Origin::Cache => self.metrics.hit(Kind::Blob),
+            Origin::Fill => self.metrics.miss(Kind::Blob),
+        }
+        Ok((handle, origin))
+    }
+
+    /// A blob's size without downloading it: the cache, a running fill, or an upstream HEAD.
+    pub async fn blob_size(&self, upstream: &Upstream, repo: &RepoName, digest: &Digest) -> Result<u64, Error> {
+        if let Some(blob) = self.store.open_blob(digest).await? {
+            return Ok(blob.size);
+        }
+        if let Some(size) = self.fills.inflight_size(digest) {
+            return Ok(size);
+        }
+        let repo = self.cache_name(upstream, repo);
+        let response = upstream.head_blob(&repo, digest).await.and_then(|r| upstream.check(r));
+        let response = response.map_err(|e| Error::upstream(Kind::Blob, e))?;
+        response
+            .content_length()
+            .ok_or_else(|| Error::upstream(Kind::Blob, upstream.invalid("blob HEAD without Content-Length")))
+    }
+
+    /// `tags/list`, from the upstream; from the cache when the upstream is unavailable.
+    pub async fn tags_list(&self, upstream: &Upstream, repo: &RepoName, query: &str) -> Result<JsonAnswer, Error> {
+        let repo = self.cache_name(upstream, repo);
+        let remote = upstream.remote_name(&repo);
+        let answer = self.pass_through(upstream, &repo, "tags/list", query, Kind::Tags).await;
+        match answer {
+            Ok(mut answer) => {
+                // The upstream names its own repository (prefixed): show the client's name.
+                if let Ok(mut list) = serde_json::from_slice::<serde_json::Value>(&answer.body) {
+                    list["name"] = repo.as_str().into();
+                    answer.body = Bytes::from(serde_json::to_vec(&list).expect("json serialises"));
+                }
+                for (name, value) in &mut answer.headers {
+                    if *name == header::LINK {
+                        let rewritten = value
+                            .to_str()
+                            .unwrap_or_default()
+                            .replace(&format!("/v2/{remote}/"), &format!("/v2/{repo}/"));
+                        *value = http::HeaderValue::from_str(&rewritten).unwrap_or_else(|_| value.clone());
+                    }
+                }
+                Ok(answer)
+            }
+            Err(error) if is_upstream_trouble(&error) => {
+                let tags = self.store.tags(upstream.name(), &repo).await?;
+                if tags.is_empty() {
+                    return Err(error);
+                }
+                tracing::warn!(repo = %repo, %error, "upstream unavailable: serving cached tag list");
+                let body = serde_json::json!({ "name": repo.as_str(), "tags": tags });
+                Ok(JsonAnswer {
+                    content_type: "application/json".into(),
+                    body: Bytes::from(body.to_string()),
+                    headers: vec![],
+                })
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// OCI 1.1 referrers, passed through from the upstream.
+    pub async fn referrers(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+        query: &str,
+    ) -> Result<JsonAnswer, Error> {
+        let repo = self.cache_name(upstream, repo);
+        self.pass_through(upstream, &repo, &format!("referrers/{digest}"), query, Kind::Referrers).await
+    }
+
+    async fn pass_through(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        suffix: &str,
+        query: &str,
+        kind: Kind,
+    ) -> Result<JsonAnswer, Error> {
+        let response = upstream.get_json(repo, suffix, query, kind).await.and_then(|r| upstream.check(r));
+        let response = response.map_err(|e| Error::upstream(kind, e))?;
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+            .to_owned();
+        let headers = [header::LINK, http::HeaderName::from_static("oci-filters-applied")]
+            .into_iter()
+            .filter_map(|name| response.headers().get(&name).cloned().map(|v| (name, v)))
+            .collect();
+        let body =
+            read_limited(response, MAX_MANIFEST_SIZE).await.map_err(|e| Error::upstream(kind, upstream.invalid(e)))?;
+        upstream.count_bytes(body.len() as u64);
+        Ok(JsonAnswer { content_type, body, headers })
+    }
+
+    /// The repositories cached for an upstream.
+    pub async fn catalog(&self, upstream: &Upstream) -> Result<Vec<String>, Error> {
+        Ok(self.store.repositories(upstream.name()).await?)
+    }
+
+    /// Whether the cache can take writes (for `/readyz`).
+    pub fn is_ready(&self) -> bool {
+        self.store.is_writable()
+    }
+}
+
+/// Errors where a cached answer beats failing: the upstream is down, broken or limiting us.
+fn is_upstream_trouble(error: &Error) -> bool {
+    match error {
+        Error::Upstream { error: UpstreamError::Status { status, .. }, .. } => {
+            status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+        }
+        Error::Upstream { error: UpstreamError::Unreachable { .. } | UpstreamError::Invalid { .. }, .. } => true,
+        _ => false,
+    }
+}
+
+/// The media ranges of an Accept header, without parameters.
+fn accept_list(accept: &str) -> impl Iterator<Item = &str> {
+    accept.split(',').map(|part| part.split(';').next().unwrap_or("").trim()).filter(|s| !s.is_empty())
+}
+
+/// Whether a client's Accept takes `media_type`. No Accept at all takes anything.
+fn accepts(accept: Option<&str>, media_type: &str) -> bool {
+    match accept.filter(|a| !a.trim().is_empty()) {
+        None => true,
+        Some(accept) => accept_list(accept).any(|t| t == media_type || t == "*/*"),
+    }
+}
+
+/// Whether a client takes every manifest type we cache tags for.
+fn accepts_all(accept: Option<&str>) -> bool {
+    MANIFEST_TYPES.iter().all(|t| accepts(accept, t))
+}
+
+/// The manifest's media type: the upstream's Content-Type when it names one, else the
+/// `mediaType` field, else a guess from its shape (OCI manifests may omit `mediaType`).
+/// `None` if the body is not a JSON object.
+fn manifest_media_type(content_type: Option<&str>, bytes: &[u8]) -> Option<String> {
+    let json: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let object = json.as_object()?;
+    let header = content_type.map(|c| c.split(';').next().unwrap_or("").trim()).filter(|c| {
+        !c.is_empty() && *c != "application/json" && *c != "text/plain" && *c != "application/octet-stream"
+    });
+    if let Some(header) = header {
+        return Some(header.to_owned());
+    }
+    if let Some(field) = object.get("mediaType").and_then(|v| v.as_str()) {
+        return Some(field.to_owned());
+    }
+    Some(if object.contains_key("manifests") { MANIFEST_TYPES[0] } else { MANIFEST_TYPES[2] }.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_lists_are_matched_by_type() {
+        let docker = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json;q=0.9";
+        assert!(accepts(Some(docker), "application/vnd.docker.distribution.manifest.list.v2+json"));
+        assert!(!accepts(Some(docker), "application/vnd.oci.image.index.v1+json"));
+        assert!(accepts(None, "anything"));
+        assert!(accepts(Some("*/*"), "application/vnd.oci.image.index.v1+json"));
+        assert!(!accepts_all(Some(docker)));
+        assert!(accepts_all(Some(MANIFEST_ACCEPT)));
+        assert!(accepts_all(None));
+    }
+
+    #[test]
+    fn media_type_from_header_field_or_shape() {
+        let oci = br#"{"schemaVersion":2,"config":{},"layers":[]}"#;
+        let index = br#"{"schemaVersion":2,"manifests":[]}"#;
+        let typed = br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}"#;
+        assert_eq!(
+            manifest_media_type(Some("application/vnd.oci.image.manifest.v1+json"), oci).unwrap(),
+            MANIFEST_TYPES[2]
+        );
+        assert_eq!(manifest_media_type(Some("application/json"), typed).unwrap(), MANIFEST_TYPES[3]);
+        assert_eq!(manifest_media_type(None, index).unwrap(), MANIFEST_TYPES[0]);
+        assert_eq!(manifest_media_type(None, oci).unwrap(), MANIFEST_TYPES[2]);
+        assert_eq!(manifest_media_type(None, b"not json"), None);
+        assert_eq!(manifest_media_type(None, b"[1,2]"), None);
+    }
+}
