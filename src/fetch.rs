@@ -21,10 +21,13 @@
 //! A cut upstream connection is resumed with a Range request from the last byte written,
 //! still hashing the whole blob, a bounded number of times.
 //!
+//! A reader of a running fill never gets the last byte of its response before the digest
+//! matched: that byte is what turns a transfer into a complete one, so it waits for `Done`.
+//!
 //! Range requests on a cold blob are served from the fill as well: the reader starts at its
 //! offset and waits for the fill to get there. One download serves everyone, and the whole
-//! blob is verified and cached; the cost is that a client asking for the end of a cold blob
-//! waits for the bytes before it.
+//! blob is verified and cached; the cost is that a ranged answer completes only when the
+//! whole blob has arrived and matched its digest.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -421,17 +424,17 @@ impl Reader {
         let (file, available) = match &mut self.source {
             ReadSource::Complete(file) => (file.clone(), self.end.expect("complete blobs have an end")),
             ReadSource::Fill(state) => {
-                let pos = self.pos;
+                let (pos, end) = (self.pos, self.end);
                 let ready = state
                     .wait_for(|s| match s {
-                        FillState::Running { written, .. } => *written > pos,
+                        FillState::Running { written, .. } => deliverable(*written, end) > pos,
                         _ => !matches!(s, FillState::Connecting),
                     })
                     .await
                     .map_err(|_| io::Error::other(FillError::Abandoned))?
                     .clone();
                 match ready {
-                    FillState::Running { written, file, .. } => (file, written),
+                    FillState::Running { written, file, .. } => (file, deliverable(written, end)),
                     FillState::Done { size, file } => {
                         self.end = Some(self.end.map_or(size, |end| end.min(size)));
                         (file, size)
@@ -464,9 +467,27 @@ impl Reader {
     }
 }
 
+/// How far a reader of a running fill may go: up to what is written, but never its own last
+/// byte. That byte waits for the digest check, so a client whose blob turns out wrong sees a
+/// broken transfer, never a complete one.
+fn deliverable(written: u64, end: Option<u64>) -> u64 {
+    match end {
+        Some(end) if written >= end => end - 1,
+        _ => written,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_byte_waits_for_verification() {
+        assert_eq!(deliverable(10, Some(100)), 10);
+        assert_eq!(deliverable(100, Some(100)), 99);
+        assert_eq!(deliverable(500, Some(100)), 99);
+        assert_eq!(deliverable(500, None), 500);
+    }
 
     #[test]
     fn content_range_start_parses() {

@@ -313,8 +313,11 @@ impl Mirror {
         let repo = self.cache_name(upstream, repo);
         let response = upstream.head_blob(&repo, digest).await.and_then(|r| upstream.check(r));
         let response = response.map_err(|e| Error::upstream(Kind::Blob, e))?;
+        // The header, not `content_length()`: a HEAD response's body is always empty.
         response
-            .content_length()
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
             .ok_or_else(|| Error::upstream(Kind::Blob, upstream.invalid("blob HEAD without Content-Length")))
     }
 
