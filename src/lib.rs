@@ -13,6 +13,7 @@
 //! - [`mirror`]: the pull-through logic for manifests, tags, blobs and tag lists.
 //! - [`fetch`]: single-flight blob fills: one upstream download, many readers.
 //! - [`store`]: content-addressed files on disk with atomic commits.
+//! - [`index`]: sizes and recency of cached files; LRU eviction decisions under the bound.
 //! - [`upstream`]: the registry client: auth challenges, token cache, retries, redirects.
 //! - [`range`]: `Range` header parsing.
 //! - [`error`]: the request error and its one mapping to OCI error responses.
@@ -22,6 +23,7 @@ pub mod config;
 pub mod error;
 pub mod fetch;
 pub mod handler;
+pub mod index;
 pub mod metrics;
 pub mod mirror;
 pub mod range;

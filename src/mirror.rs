@@ -67,7 +67,7 @@ impl Mirror {
     /// starts and serves its cache even when every upstream is down.
     pub fn open(config: Config) -> Result<Arc<Mirror>, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let store = Store::open(&config.cache_dir)
+        let store = Store::open(&config.cache_dir, config.max_cache_size, metrics.clone())
             .map_err(|source| StartError::Store { path: config.cache_dir.display().to_string(), source })?;
         let upstreams = config
             .upstreams

@@ -15,17 +15,25 @@
 //! `docker.io/library/x` and `ghcr.io/library/x` never mix. `_tags` cannot collide with a
 //! repository path component, which must start with a letter or digit.
 //!
+//! Every use of a blob or manifest sets its mtime, and the [`Index`] keeps them in LRU order
+//! under the size bound; when it evicts, the store deletes the file. Open handles keep an
+//! evicted file readable, so a blob being served finishes streaming; a blob being filled is
+//! only a temp file and is never a candidate.
+//!
 //! Callers see only the methods below: the later S3 tier implements the same surface.
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tempfile::NamedTempFile;
 
+use crate::index::{Index, Key};
+use crate::metrics::Metrics;
 use crate::reference::{Digest, RepoName, Tag};
 
 /// What a tag pointed at when it was last checked upstream.
@@ -51,24 +59,90 @@ pub struct BlobFile {
     pub size: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     root: PathBuf,
+    index: Arc<Index>,
+}
+
+/// A blob or manifest file found on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedFile {
+    pub key: Key,
+    pub size: u64,
+    pub last_used: SystemTime,
 }
 
 impl Store {
-    /// Opens (creating if needed) a cache directory and removes what interrupted fills left
-    /// in `tmp/`.
-    pub fn open(root: &Path) -> io::Result<Store> {
+    /// Opens (creating if needed) a cache directory bounded to `max_bytes`: removes what
+    /// interrupted fills left in `tmp/`, rebuilds the LRU index from the files' mtimes, and
+    /// evicts the least recently used files if the cache is over the bound.
+    pub fn open(root: &Path, max_bytes: u64, metrics: Arc<Metrics>) -> io::Result<Store> {
         for dir in ["blobs/sha256", "manifests/sha256", "repos", "tmp"] {
             std::fs::create_dir_all(root.join(dir))?;
         }
-        let store = Store { root: root.to_owned() };
+        let paths = Paths { root: root.to_owned() };
+        let evict = Box::new(move |key: Key| paths.delete(key));
+        let store = Store { root: root.to_owned(), index: Arc::new(Index::new(max_bytes, metrics, evict)) };
         let removed = store.clear_tmp()?;
         if removed > 0 {
             tracing::info!(removed, "removed files of interrupted fills");
         }
+        let mut files = store.cached_files()?;
+        files.sort_by_key(|f| f.last_used);
+        for file in &files {
+            store.index.insert(file.key, file.size);
+        }
+        store.index.enforce();
         Ok(store)
+    }
+
+    /// Every blob and manifest on disk, in no particular order.
+    pub fn cached_files(&self) -> io::Result<Vec<CachedFile>> {
+        let mut files = Vec::new();
+        for (dir, make_key) in [("blobs/sha256", Key::Blob as fn(Digest) -> Key), ("manifests/sha256", Key::Manifest)] {
+            for shard in read_dir_or_empty(&self.root.join(dir))? {
+                for entry in read_dir_or_empty(&shard.path())? {
+                    let name = entry.file_name();
+                    let Some(digest) = name.to_str().and_then(|n| Digest::parse(&format!("sha256:{n}")).ok()) else {
+                        continue;
+                    };
+                    let metadata = entry.metadata()?;
+                    files.push(CachedFile {
+                        key: make_key(digest),
+                        size: metadata.len(),
+                        last_used: metadata.modified().unwrap_or(UNIX_EPOCH),
+                    });
+                }
+            }
+        }
+        Ok(files)
+    }
+
+    /// Bytes held by blobs and manifests.
+    pub fn size(&self) -> u64 {
+        self.index.bytes()
+    }
+
+    /// Applies pending evictions. Blocking.
+    pub fn enforce_bound(&self) {
+        self.index.enforce();
+    }
+
+    /// The path of a cached file (for `verify` and `export`).
+    pub fn path_of(&self, key: Key) -> PathBuf {
+        Paths { root: self.root.clone() }.of(key)
+    }
+
+    /// Moves a corrupt file to `quarantine/` and forgets it.
+    pub fn quarantine(&self, key: Key) -> io::Result<PathBuf> {
+        let dir = self.root.join("quarantine");
+        std::fs::create_dir_all(&dir)?;
+        let (Key::Blob(d) | Key::Manifest(d)) = key;
+        let target = dir.join(d.hex());
+        std::fs::rename(self.path_of(key), &target)?;
+        self.index.remove(&key);
+        Ok(target)
     }
 
     pub fn root(&self) -> &Path {
@@ -92,11 +166,11 @@ impl Store {
     }
 
     fn blob_path(&self, digest: &Digest) -> PathBuf {
-        sharded(&self.root.join("blobs/sha256"), digest)
+        self.path_of(Key::Blob(*digest))
     }
 
     fn manifest_path(&self, digest: &Digest) -> PathBuf {
-        sharded(&self.root.join("manifests/sha256"), digest)
+        self.path_of(Key::Manifest(*digest))
     }
 
     fn tag_path(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> PathBuf {
@@ -112,17 +186,32 @@ impl Store {
         self.blob_path(digest).is_file()
     }
 
+    /// Opens a committed blob and records the use.
     pub async fn open_blob(&self, digest: &Digest) -> io::Result<Option<BlobFile>> {
         let path = self.blob_path(digest);
+        let store = self.clone();
+        let key = Key::Blob(*digest);
         blocking(move || match File::open(&path) {
             Ok(file) => {
                 let size = file.metadata()?.len();
+                store.record_use(key, &file, size);
                 Ok(Some(BlobFile { file, size }))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         })
         .await
+    }
+
+    /// Marks a file most recently used, in the index and (for the next start) in its mtime.
+    fn record_use(&self, key: Key, file: &File, size: u64) {
+        if let Err(error) = file.set_modified(SystemTime::now()) {
+            tracing::debug!(%error, "cannot record a use in the file's mtime");
+        }
+        if !self.index.touch(&key) {
+            self.index.insert(key, size);
+            self.index.enforce();
+        }
     }
 
     /// A new temp file for a fill. Dropping it without [`Self::commit_blob`] deletes it.
@@ -134,21 +223,35 @@ impl Store {
     /// a blocking context. The caller guarantees the content hashes to `digest`.
     pub fn commit_blob(&self, temp: NamedTempFile, digest: &Digest) -> io::Result<()> {
         temp.as_file().sync_data()?;
+        let size = temp.as_file().metadata()?.len();
         let path = self.blob_path(digest);
         std::fs::create_dir_all(path.parent().expect("sharded path has a parent"))?;
         temp.persist(&path).map_err(|e| e.error)?;
+        self.index.insert(Key::Blob(*digest), size);
+        self.index.enforce();
         Ok(())
     }
 
+    /// Reads a cached manifest and records the use.
     pub async fn manifest(&self, digest: &Digest) -> io::Result<Option<StoredManifest>> {
         let path = self.manifest_path(digest);
+        let store = self.clone();
+        let key = Key::Manifest(*digest);
         blocking(move || {
-            let bytes = match std::fs::read(&path) {
-                Ok(b) => b,
+            let mut file = match File::open(&path) {
+                Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e),
             };
-            let media_type = std::fs::read_to_string(path.with_extension("type"))?;
+            let mut bytes = Vec::new();
+            io::Read::read_to_end(&mut file, &mut bytes)?;
+            let media_type = match std::fs::read_to_string(path.with_extension("type")) {
+                Ok(t) => t,
+                // Evicted between the two reads: as good as not cached.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            store.record_use(key, &file, bytes.len() as u64);
             Ok(Some(StoredManifest { bytes: Bytes::from(bytes), media_type }))
         })
         .await
@@ -159,10 +262,14 @@ impl Store {
         let store = self.clone();
         let path = self.manifest_path(digest);
         let manifest = manifest.clone();
+        let key = Key::Manifest(*digest);
         blocking(move || {
             // The type first: the bytes' appearance is what makes the manifest visible.
             store.write_atomic(&path.with_extension("type"), manifest.media_type.as_bytes())?;
-            store.write_atomic(&path, &manifest.bytes)
+            store.write_atomic(&path, &manifest.bytes)?;
+            store.index.insert(key, manifest.bytes.len() as u64);
+            store.index.enforce();
+            Ok(())
         })
         .await
     }
@@ -226,10 +333,42 @@ impl Store {
     }
 }
 
-/// `<dir>/<first 2 hex>/<64 hex>`: two levels keep directories small at 100k blobs.
-fn sharded(dir: &Path, digest: &Digest) -> PathBuf {
-    let hex = digest.hex();
-    dir.join(&hex[..2]).join(hex)
+/// Where cached files live; also what the index's eviction callback deletes with.
+struct Paths {
+    root: PathBuf,
+}
+
+impl Paths {
+    /// `<kind>/sha256/<first 2 hex>/<64 hex>`: two levels keep directories small at 100k blobs.
+    fn of(&self, key: Key) -> PathBuf {
+        let (dir, digest) = match key {
+            Key::Blob(d) => ("blobs/sha256", d),
+            Key::Manifest(d) => ("manifests/sha256", d),
+        };
+        let hex = digest.hex();
+        self.root.join(dir).join(&hex[..2]).join(hex)
+    }
+
+    fn delete(&self, key: Key) {
+        let path = self.of(key);
+        let result = std::fs::remove_file(&path);
+        if let Key::Manifest(_) = key {
+            let _ = std::fs::remove_file(path.with_extension("type"));
+        }
+        match result {
+            Ok(()) => tracing::debug!(path = %path.display(), "evicted"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => tracing::warn!(path = %path.display(), %error, "cannot delete an evicted file"),
+        }
+    }
+}
+
+fn read_dir_or_empty(dir: &Path) -> io::Result<Vec<std::fs::DirEntry>> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries.collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
 }
 
 fn collect_repositories(dir: &Path, prefix: &str, out: &mut Vec<String>) -> io::Result<()> {
@@ -273,10 +412,43 @@ mod tests {
         Digest::of(data)
     }
 
+    fn open(dir: &Path) -> Store {
+        Store::open(dir, 1 << 30, Arc::new(Metrics::new())).unwrap()
+    }
+
+    fn put_blob(store: &Store, data: &[u8]) -> Digest {
+        let mut temp = store.temp_file().unwrap();
+        temp.write_all(data).unwrap();
+        let d = digest(data);
+        store.commit_blob(temp, &d).unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn restart_keeps_lru_order_and_shrinking_the_bound_evicts_the_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let a = put_blob(&store, &[1; 4096]);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let b = put_blob(&store, &[2; 4096]);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let c = put_blob(&store, &[3; 4096]);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        store.open_blob(&a).await.unwrap().unwrap();
+        drop(store);
+
+        // Room for two of the three: the least recently used (b) goes.
+        let store = Store::open(dir.path(), 2 * 4096, Arc::new(Metrics::new())).unwrap();
+        assert!(store.has_blob(&a));
+        assert!(!store.has_blob(&b));
+        assert!(store.has_blob(&c));
+        assert_eq!(store.size(), 2 * 4096);
+    }
+
     #[tokio::test]
     async fn blobs_appear_only_when_committed() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = open(dir.path());
         let d = digest(b"hello");
         let mut temp = store.temp_file().unwrap();
         temp.write_all(b"hello").unwrap();
@@ -291,19 +463,19 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_fill_leaves_nothing_and_startup_clears_tmp() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = open(dir.path());
         drop(store.temp_file().unwrap());
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
         // A crash leaves a file behind: the next start removes it.
         std::fs::write(dir.path().join("tmp/fill-crashed"), b"partial").unwrap();
-        Store::open(dir.path()).unwrap();
+        open(dir.path());
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
     #[tokio::test]
     async fn manifests_tags_and_repositories_round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = open(dir.path());
         let bytes = Bytes::from_static(b"{\"schemaVersion\":2}");
         let d = digest(&bytes);
         let m =
