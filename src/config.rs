@@ -35,17 +35,30 @@ pub enum LogFormat {
 pub enum Command {
     /// Serve the mirror over HTTP.
     Serve(ServeArgs),
+    /// List what the cache holds: repositories, tags, digests, sizes, last use.
+    Ls(CacheArgs),
+    /// Re-hash every cached blob and manifest; move bad ones to quarantine/ (exit 1 if any).
+    Verify(CacheArgs),
+    /// Evict least recently used content until the cache fits its bound (offline).
+    Gc(CommonArgs),
 }
 
-/// Flags shared by every command that reads the config.
+/// Where the cache is: the config file's `cache_dir`, or a directory given directly.
 #[derive(Debug, Clone, Default, Args)]
-pub struct CommonArgs {
+pub struct CacheArgs {
     /// TOML config file.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Directory holding the cache.
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+}
+
+/// The cache and its bound.
+#[derive(Debug, Clone, Default, Args)]
+pub struct CommonArgs {
+    #[command(flatten)]
+    pub cache: CacheArgs,
     /// Upper bound of the cache, e.g. 50GiB.
     #[arg(long, value_name = "SIZE")]
     pub max_cache_size: Option<String>,
@@ -186,13 +199,18 @@ impl Config {
         Self::build(args, None, None, &env_lookup)
     }
 
+    /// Builds the config for a command that only needs to find the cache.
+    pub fn for_cache(args: &CacheArgs) -> Result<Config, ConfigError> {
+        Self::for_offline(&CommonArgs { cache: args.clone(), max_cache_size: None })
+    }
+
     fn build(
         args: &CommonArgs,
         listen: Option<&str>,
         upstream: Option<&str>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let file = match &args.config {
+        let file = match &args.cache.config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
@@ -208,7 +226,7 @@ impl Config {
         let cache_dir = pick(
             "cache_dir",
             file.cache_dir.map(|p| p.display().to_string()),
-            args.cache_dir.as_ref().map(|p| p.display().to_string()),
+            args.cache.cache_dir.as_ref().map(|p| p.display().to_string()),
         )
         .map(PathBuf::from)
         .unwrap_or_else(default_cache_dir);
@@ -385,7 +403,7 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, toml).unwrap();
         let mut common = args.common.clone();
-        common.config = Some(path);
+        common.cache.config = Some(path);
         let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Config::build(&common, args.listen.as_deref(), args.upstream.as_deref(), &|k| env.get(k).cloned())
     }

@@ -17,6 +17,8 @@
 //! - [`upstream`]: the registry client: auth challenges, token cache, retries, redirects.
 //! - [`range`]: `Range` header parsing.
 //! - [`error`]: the request error and its one mapping to OCI error responses.
+//! - [`manifest`]: what a manifest references (for `ls`, pinning, export).
+//! - [`maintenance`]: the offline commands `ls`, `verify`, `gc`.
 //! - [`metrics`]: the Prometheus metrics of the contract.
 
 pub mod config;
@@ -24,6 +26,8 @@ pub mod error;
 pub mod fetch;
 pub mod handler;
 pub mod index;
+pub mod maintenance;
+pub mod manifest;
 pub mod metrics;
 pub mod mirror;
 pub mod range;

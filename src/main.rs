@@ -9,7 +9,8 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
-use regmirror::config::{Cli, Command, Config, LogFormat, ServeArgs};
+use regmirror::config::{CacheArgs, Cli, Command, CommonArgs, Config, LogFormat, ServeArgs};
+use regmirror::maintenance;
 use regmirror::mirror::Mirror;
 
 fn main() -> ExitCode {
@@ -22,6 +23,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
+            Command::Ls(args) => ls(args).await,
+            Command::Verify(args) => verify(args).await,
+            Command::Gc(args) => gc(args).await,
         }
     });
     match result {
@@ -55,6 +59,48 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(cache_dir = %cache_dir.display(), upstreams = ?upstreams, "cache ready");
     tracing::info!(%addr, "listening");
     regmirror::server::run(listener, mirror, shutdown_signal()).await;
+    Ok(())
+}
+
+async fn ls(args: CacheArgs) -> anyhow::Result<()> {
+    let config = Config::for_cache(&args)?;
+    let store = maintenance::open_unbounded(&config.cache_dir)
+        .with_context(|| format!("cannot open cache {}", config.cache_dir.display()))?;
+    print!("{}", maintenance::render_list(&maintenance::list(&store).await?));
+    Ok(())
+}
+
+async fn verify(args: CacheArgs) -> anyhow::Result<()> {
+    let config = Config::for_cache(&args)?;
+    let store = maintenance::open_unbounded(&config.cache_dir)
+        .with_context(|| format!("cannot open cache {}", config.cache_dir.display()))?;
+    let report = tokio::task::spawn_blocking(move || maintenance::verify(&store)).await??;
+    println!(
+        "verified {} files ({}): {} bad",
+        report.checked,
+        maintenance::human_size(report.bytes),
+        report.quarantined.len()
+    );
+    for (key, path) in &report.quarantined {
+        println!("quarantined {key:?} -> {}", path.display());
+    }
+    if !report.quarantined.is_empty() {
+        anyhow::bail!("{} corrupt files moved to quarantine", report.quarantined.len());
+    }
+    Ok(())
+}
+
+async fn gc(args: CommonArgs) -> anyhow::Result<()> {
+    let config = Config::for_offline(&args)?;
+    let (dir, max) = (config.cache_dir.clone(), config.max_cache_size);
+    let report = tokio::task::spawn_blocking(move || maintenance::gc(&dir, max)).await??;
+    println!(
+        "evicted {} files ({}); cache holds {} of {}",
+        report.evicted_files,
+        maintenance::human_size(report.evicted_bytes),
+        maintenance::human_size(report.remaining_bytes),
+        maintenance::human_size(max)
+    );
     Ok(())
 }
 

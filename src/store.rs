@@ -310,6 +310,39 @@ impl Store {
         .await
     }
 
+    /// The upstreams that have cached tags, sorted.
+    pub async fn upstreams(&self) -> io::Result<Vec<String>> {
+        let dir = self.root.join("repos");
+        blocking(move || {
+            let mut names: Vec<String> =
+                read_dir_or_empty(&dir)?.into_iter().filter_map(|e| e.file_name().into_string().ok()).collect();
+            names.sort();
+            Ok(names)
+        })
+        .await
+    }
+
+    /// A manifest and everything it references that is cached: child manifests of an index,
+    /// configs and layers. Blocking; records no use.
+    pub fn image_keys(&self, digest: &Digest) -> io::Result<Vec<Key>> {
+        let mut keys = Vec::new();
+        let mut pending = vec![*digest];
+        while let Some(manifest) = pending.pop() {
+            let bytes = match std::fs::read(self.manifest_path(&manifest)) {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            keys.push(Key::Manifest(manifest));
+            let references = crate::manifest::references(&bytes);
+            keys.extend(references.blobs.into_iter().filter(|d| self.has_blob(d)).map(Key::Blob));
+            pending.extend(
+                references.manifests.into_iter().map(|(d, _)| d).filter(|d| !keys.contains(&Key::Manifest(*d))),
+            );
+        }
+        Ok(keys)
+    }
+
     /// The repositories of one upstream that have cached tags, sorted.
     pub async fn repositories(&self, upstream: &str) -> io::Result<Vec<String>> {
         let base = self.root.join("repos").join(upstream);
