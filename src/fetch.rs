@@ -18,6 +18,11 @@
 //! in-flight map, and the next request starts afresh. If the task dies without saying
 //! either (a panic), the dropped `watch` sender fails the readers the same way.
 //!
+//! When the disk refuses a write (full, or gone), the fill keeps going without caching: the
+//! rest of the blob is kept in memory for its readers (up to [`MAX_SPILL`]), still hashed
+//! and verified, and nothing is committed. `regmirror_cache_store_failures_total` and a log
+//! line say so.
+//!
 //! A cut upstream connection is resumed with a Range request from the last byte written,
 //! still hashing the whole blob, a bounded number of times.
 //!
@@ -79,16 +84,16 @@ impl FillError {
 enum FillState {
     /// Waiting for the upstream's response headers.
     Connecting,
-    /// Bytes `0..written` are in `file`. `size` is the upstream's Content-Length.
+    /// Bytes `0..written` are in `data`. `size` is the upstream's Content-Length.
     Running {
         size: Option<u64>,
         written: u64,
-        file: Arc<File>,
+        data: Arc<FillData>,
     },
-    /// All bytes are in `file` and their digest matched.
+    /// All bytes are in `data` and their digest matched.
     Done {
         size: u64,
-        file: Arc<File>,
+        data: Arc<FillData>,
     },
     Failed(Arc<FillError>),
 }
@@ -109,6 +114,71 @@ const RESUME_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_WRITE_BATCH: usize = 1 << 20;
 /// The size of the chunks readers send.
 const READ_CHUNK: usize = 256 * 1024;
+/// How much of a blob a fill may hold in memory once the disk refused it.
+pub const MAX_SPILL: usize = 256 << 20;
+
+/// Where a fill's bytes are: in the temp file, and after a failed write, in memory.
+struct FillData {
+    /// A read handle on the temp file (none if it could not even be created).
+    file: Option<Arc<File>>,
+    spill: Mutex<Option<Spill>>,
+}
+
+/// The bytes from `start` on, held in memory because the disk refused them.
+struct Spill {
+    start: u64,
+    chunks: Vec<Bytes>,
+    len: usize,
+}
+
+impl FillData {
+    fn new(file: Option<File>) -> Self {
+        let spill = if file.is_none() { Some(Spill { start: 0, chunks: Vec::new(), len: 0 }) } else { None };
+        FillData { file: file.map(Arc::new), spill: Mutex::new(spill) }
+    }
+
+    fn spill_start(&self) -> Option<u64> {
+        self.spill.lock().expect("spill poisoned").as_ref().map(|s| s.start)
+    }
+
+    /// Keeps `bytes` (which follow `offset`) in memory from now on.
+    fn push_spill(&self, offset: u64, bytes: Bytes) -> Result<(), FillError> {
+        let mut spill = self.spill.lock().expect("spill poisoned");
+        let spill = spill.get_or_insert_with(|| Spill { start: offset, chunks: Vec::new(), len: 0 });
+        if spill.len + bytes.len() > MAX_SPILL {
+            return Err(FillError::Storage(io::Error::other(
+                "disk full and the blob is too large to stream from memory",
+            )));
+        }
+        spill.len += bytes.len();
+        spill.chunks.push(bytes);
+        Ok(())
+    }
+
+    /// Up to `max` bytes at `pos`, which the caller knows are available. Blocking.
+    fn read_at(&self, pos: u64, max: usize) -> io::Result<Bytes> {
+        let spill_start = self.spill_start();
+        if spill_start.is_none_or(|start| pos < start) {
+            let len = spill_start.map_or(max, |start| max.min((start - pos) as usize));
+            let file = self.file.as_ref().expect("bytes before the spill are on disk");
+            let mut buf = vec![0; len];
+            file.read_exact_at(&mut buf, pos)?;
+            return Ok(Bytes::from(buf));
+        }
+        let spill = self.spill.lock().expect("spill poisoned");
+        let spill = spill.as_ref().expect("checked above");
+        let mut offset = spill.start;
+        for chunk in &spill.chunks {
+            let end = offset + chunk.len() as u64;
+            if pos < end {
+                let from = (pos - offset) as usize;
+                return Ok(chunk.slice(from..chunk.len().min(from + max)));
+            }
+            offset = end;
+        }
+        Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the fill's bytes"))
+    }
+}
 
 /// A blob ready to be streamed: from the store, or from a fill in progress.
 pub struct BlobHandle {
@@ -119,7 +189,7 @@ pub struct BlobHandle {
 
 #[derive(Clone)]
 enum ReadSource {
-    Complete(Arc<File>),
+    Complete(Arc<FillData>),
     Fill(watch::Receiver<FillState>),
 }
 
@@ -145,7 +215,8 @@ impl Fills {
         digest: &Digest,
     ) -> Result<(BlobHandle, Origin), Arc<FillError>> {
         if let Some(blob) = self.store.open_blob(digest).await.map_err(|e| Arc::new(e.into()))? {
-            let handle = BlobHandle { size: Some(blob.size), source: ReadSource::Complete(Arc::new(blob.file)) };
+            let data = Arc::new(FillData::new(Some(blob.file)));
+            let handle = BlobHandle { size: Some(blob.size), source: ReadSource::Complete(data) };
             return Ok((handle, Origin::Cache));
         }
         let mut state = match self.join_or_start(upstream, repo, digest) {
@@ -246,10 +317,17 @@ impl FillTask {
         let response = self.upstream.check(self.upstream.blob(&self.repo, &self.digest, 0).await?)?;
         let size = response.content_length();
 
-        let temp = self.store.temp_file()?;
-        let reader = Arc::new(temp.reopen()?);
-        let mut writer = Writer { file: temp.as_file().try_clone()?, hasher: Sha256::new() };
-        self.state.send_replace(FillState::Running { size, written: 0, file: reader.clone() });
+        let (temp, reader) = match self.open_temp() {
+            Ok((temp, reader)) => (Some(temp), Some(reader)),
+            Err(error) => {
+                self.cannot_store(&error);
+                (None, None)
+            }
+        };
+        let data = Arc::new(FillData::new(reader));
+        let mut sink =
+            Sink { file: temp.as_ref().map(|t| t.as_file().try_clone()).transpose()?, hasher: Sha256::new() };
+        self.state.send_replace(FillState::Running { size, written: 0, data: data.clone() });
 
         let mut written = 0u64;
         let mut body = response.bytes_stream().boxed();
@@ -271,9 +349,25 @@ impl FillTask {
             if size.is_some_and(|size| written + len > size) {
                 return Err(self.wrong_length(size, written + len));
             }
-            writer = tokio::task::spawn_blocking(move || writer.append(&batch).map(|()| writer))
+            if sink.file.is_none() {
+                // Spilling: the disk refused an earlier write, the rest stays in memory.
+                sink.hasher.update(&batch);
+                data.push_spill(written, batch)?;
+            } else {
+                let (returned, refused) = tokio::task::spawn_blocking(move || {
+                    let refused = sink.append(&batch).err().map(|e| (e, batch));
+                    (sink, refused)
+                })
                 .await
-                .map_err(|_| FillError::Abandoned)??;
+                .map_err(|_| FillError::Abandoned)?;
+                sink = returned;
+                if let Some((error, batch)) = refused {
+                    self.cannot_store(&error);
+                    sink.file = None;
+                    sink.hasher.update(&batch);
+                    data.push_spill(written, batch)?;
+                }
+            }
             written += len;
             self.upstream.count_bytes(len);
             self.state.send_modify(|s| {
@@ -285,7 +379,7 @@ impl FillTask {
         if size.is_some_and(|size| written != size) {
             return Err(self.wrong_length(size, written));
         }
-        let actual = Digest::from_sha256(writer.hasher.finalize().into());
+        let actual = Digest::from_sha256(sink.hasher.finalize().into());
         if actual != self.digest {
             return Err(FillError::DigestMismatch {
                 upstream: self.upstream.name().to_owned(),
@@ -293,20 +387,31 @@ impl FillTask {
                 actual,
             });
         }
-        // Verified: readers may finish even if storing fails (they hold the file open).
-        let store = self.store.clone();
-        let digest = self.digest;
-        let committed = tokio::task::spawn_blocking(move || store.commit_blob(temp, &digest)).await;
-        match committed {
-            Ok(Ok(())) => tracing::info!(digest = %self.digest, size = written, "blob cached"),
-            Ok(Err(error)) => {
-                self.metrics.cache_store_failures.inc();
-                tracing::error!(digest = %self.digest, %error, "verified blob could not be stored");
+        // Verified: readers may finish even if storing fails (they hold the data).
+        if let (Some(temp), true) = (temp, sink.file.is_some()) {
+            let store = self.store.clone();
+            let digest = self.digest;
+            match tokio::task::spawn_blocking(move || store.commit_blob(temp, &digest)).await {
+                Ok(Ok(())) => tracing::info!(digest = %self.digest, size = written, "blob cached"),
+                Ok(Err(error)) => self.cannot_store(&error),
+                Err(_) => return Err(FillError::Abandoned),
             }
-            Err(_) => return Err(FillError::Abandoned),
         }
-        self.state.send_replace(FillState::Done { size: written, file: reader });
+        self.state.send_replace(FillState::Done { size: written, data });
         Ok(())
+    }
+
+    /// A temp file for the fill, and a second handle on it for readers.
+    fn open_temp(&self) -> io::Result<(tempfile::NamedTempFile, File)> {
+        let temp = self.store.temp_file()?;
+        let reader = temp.reopen()?;
+        Ok((temp, reader))
+    }
+
+    /// The disk refused the fill: readers still get their bytes, the cache does not.
+    fn cannot_store(&self, error: &io::Error) {
+        self.metrics.cache_store_failures.inc();
+        tracing::error!(digest = %self.digest, %error, "cache cannot store the blob: streaming it through uncached");
     }
 
     /// Asks the upstream for the rest of the blob from `offset`.
@@ -337,15 +442,18 @@ fn content_range_start(value: &str) -> Option<u64> {
     value.strip_prefix("bytes ")?.split('-').next()?.trim().parse().ok()
 }
 
-/// The temp file's write handle and the running hash of everything written to it.
-struct Writer {
-    file: File,
+/// Where a fill's bytes go: the temp file (until the disk refuses one) and the running hash.
+struct Sink {
+    /// `None` once the disk refused a write (or the temp file could not be created).
+    file: Option<File>,
     hasher: Sha256,
 }
 
-impl Writer {
+impl Sink {
+    /// Writes and hashes `bytes`; on a write error hashes nothing, so the caller can keep
+    /// the batch elsewhere and hash it then.
     fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.file.write_all(bytes)?;
+        self.file.as_mut().expect("appending to a sink with a file").write_all(bytes)?;
         self.hasher.update(bytes);
         Ok(())
     }
@@ -421,8 +529,8 @@ impl Reader {
         if self.end.is_some_and(|end| self.pos >= end) {
             return Ok(None);
         }
-        let (file, available) = match &mut self.source {
-            ReadSource::Complete(file) => (file.clone(), self.end.expect("complete blobs have an end")),
+        let (data, available) = match &mut self.source {
+            ReadSource::Complete(data) => (data.clone(), self.end.expect("complete blobs have an end")),
             ReadSource::Fill(state) => {
                 let (pos, end) = (self.pos, self.end);
                 let ready = state
@@ -434,10 +542,10 @@ impl Reader {
                     .map_err(|_| io::Error::other(FillError::Abandoned))?
                     .clone();
                 match ready {
-                    FillState::Running { written, file, .. } => (file, deliverable(written, end)),
-                    FillState::Done { size, file } => {
+                    FillState::Running { written, data, .. } => (data, deliverable(written, end)),
+                    FillState::Done { size, data } => {
                         self.end = Some(self.end.map_or(size, |end| end.min(size)));
-                        (file, size)
+                        (data, size)
                     }
                     FillState::Failed(e) => return Err(io::Error::other(e.to_string())),
                     FillState::Connecting => unreachable!("waited for a later state"),
@@ -455,13 +563,7 @@ impl Reader {
         }
         let len = (limit - self.pos).min(READ_CHUNK as u64) as usize;
         let pos = self.pos;
-        let chunk = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0; len];
-            file.read_exact_at(&mut buf, pos)?;
-            Ok::<_, io::Error>(Bytes::from(buf))
-        })
-        .await
-        .map_err(io::Error::other)??;
+        let chunk = tokio::task::spawn_blocking(move || data.read_at(pos, len)).await.map_err(io::Error::other)??;
         self.pos += chunk.len() as u64;
         Ok(Some(chunk))
     }

@@ -183,7 +183,9 @@ impl Mirror {
                         media_type: manifest.media_type.clone(),
                         checked_at: unix_now(),
                     };
-                    self.store.put_tag(upstream.name(), repo, tag, &record).await?;
+                    if let Err(error) = self.store.put_tag(upstream.name(), repo, tag, &record).await {
+                        self.cannot_store(&error);
+                    }
                 }
                 Ok(manifest)
             }
@@ -282,7 +284,9 @@ impl Mirror {
             Error::ManifestInvalid { upstream: upstream.name().to_owned(), reason: "not a JSON manifest".into() }
         })?;
         let stored = StoredManifest { bytes, media_type };
-        self.store.put_manifest(&digest, &stored).await?;
+        if let Err(error) = self.store.put_manifest(&digest, &stored).await {
+            self.cannot_store(&error);
+        }
         Ok(Manifest { digest, media_type: stored.media_type, bytes: stored.bytes })
     }
 
@@ -402,6 +406,12 @@ impl Mirror {
     /// The repositories cached for an upstream.
     pub async fn catalog(&self, upstream: &Upstream) -> Result<Vec<String>, Error> {
         Ok(self.store.repositories(upstream.name()).await?)
+    }
+
+    /// A verified answer the disk refused: the client still gets it, the cache does not.
+    fn cannot_store(&self, error: &std::io::Error) {
+        self.metrics.cache_store_failures.inc();
+        tracing::error!(%error, "cache cannot store a manifest or tag: serving it uncached");
     }
 
     /// Whether the cache can take writes (for `/readyz`).

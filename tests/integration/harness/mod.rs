@@ -1,0 +1,26 @@
+//! Harness for regmirror's integration tests: real registries, real clients
+//! and the real `regmirror` binary, all on 127.0.0.1.
+//!
+//! - [`shared`]: what every test shares, started once per binary: the OCI
+//!   layout of fixture images, a plain upstream and a token-auth upstream
+//!   with the fixtures pushed ([`registry`], [`upstream`], [`token`],
+//!   [`images`]); the containerd and dockerd daemons live in [`clients`].
+//! - [`mirror`]: a mirror process per test, with its own cache dir and log;
+//!   [`metrics`] reads its counters.
+//! - [`clients`]: skopeo, ctr, docker and podman pulling through a mirror.
+//! - [`process`], [`wait`], [`workdir`], [`http`]: plumbing that keeps
+//!   processes from outliving the binary, polls instead of sleeping, and
+//!   keeps files in temp dirs and logs where a failed run can be read.
+
+pub mod clients;
+pub mod http;
+pub mod images;
+pub mod metrics;
+pub mod mirror;
+pub mod process;
+pub mod registry;
+pub mod shared;
+pub mod token;
+pub mod upstream;
+pub mod wait;
+pub mod workdir;

@@ -1,0 +1,18 @@
+//! Integration tests: real registry clients pull through the real
+//! `regmirror` binary from real upstream registries, all on 127.0.0.1.
+//!
+//! - `clients`: skopeo, ctr, dockerd and podman through a mirror.
+//! - `auth`: a token-auth upstream behind the mirror.
+//! - `faults`: what only a hand-written upstream can do (wrong bytes, cut
+//!   downloads, 429s, a full disk) against an in-process mirror.
+//! - `harness_checks`: the harness against the registries directly, with no
+//!   mirror involved, so that failures in the other modules can be blamed on
+//!   the mirror.
+//!
+//! Logs of every run are in `target/tmp/logs/run-<pid>-/`.
+
+mod auth;
+mod clients;
+mod faults;
+mod harness;
+mod harness_checks;
