@@ -88,6 +88,9 @@ async fn dispatch<B>(mirror: &Arc<Mirror>, route: Route, request: &Request<B>) -
             let upstream = mirror.upstream(ns.as_deref())?;
             let accept = joined_header(request, header::ACCEPT);
             let manifest = mirror.manifest(upstream, &name, &reference, accept.as_deref()).await?;
+            if !head {
+                mirror.metrics().served(manifest.source, manifest.bytes.len() as u64);
+            }
             let mut response = Response::new(if head { empty() } else { full(manifest.bytes.clone()) });
             let headers = response.headers_mut();
             headers.insert(header::CONTENT_TYPE, header_value(&manifest.media_type));

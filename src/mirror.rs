@@ -15,7 +15,7 @@ use http::{Method, StatusCode, header};
 use crate::config::Config;
 use crate::error::Error;
 use crate::fetch::{BlobHandle, Fills, Origin};
-use crate::metrics::{Kind, Metrics};
+use crate::metrics::{Kind, Metrics, Source};
 use crate::reference::{Digest, Reference, RepoName, Tag};
 use crate::store::{Store, StoredManifest, TagRecord, unix_now};
 use crate::upstream::{MANIFEST_ACCEPT, Upstream, UpstreamError, read_limited};
@@ -44,6 +44,8 @@ pub struct Manifest {
     pub digest: Digest,
     pub media_type: String,
     pub bytes: Bytes,
+    /// Whether it came from the cache (or was just fetched from the upstream).
+    pub source: Source,
 }
 
 /// A small JSON answer passed through from the upstream (tag lists, referrers).
@@ -143,7 +145,12 @@ impl Mirror {
     ) -> Result<Manifest, Error> {
         if let Some(stored) = self.store.manifest(digest).await? {
             self.metrics.hit(Kind::Manifest);
-            return Ok(Manifest { digest: *digest, media_type: stored.media_type, bytes: stored.bytes });
+            return Ok(Manifest {
+                digest: *digest,
+                media_type: stored.media_type,
+                bytes: stored.bytes,
+                source: Source::Cache,
+            });
         }
         self.metrics.miss(Kind::Manifest);
         let accept = accept.filter(|a| !a.trim().is_empty()).unwrap_or(MANIFEST_ACCEPT);
@@ -167,6 +174,7 @@ impl Mirror {
                     digest: record.digest,
                     media_type: stored.media_type.clone(),
                     bytes: stored.bytes.clone(),
+                    source: Source::Cache,
                 });
             }
         }
@@ -193,7 +201,12 @@ impl Mirror {
                 Some((record, stored)) => {
                     tracing::warn!(repo = %repo, tag = %tag, %error, "upstream unavailable: serving cached tag stale");
                     self.metrics.hit(Kind::Manifest);
-                    Ok(Manifest { digest: record.digest, media_type: stored.media_type, bytes: stored.bytes })
+                    Ok(Manifest {
+                        digest: record.digest,
+                        media_type: stored.media_type,
+                        bytes: stored.bytes,
+                        source: Source::Cache,
+                    })
                 }
                 None => Err(error),
             },
@@ -287,7 +300,7 @@ impl Mirror {
         if let Err(error) = self.store.put_manifest(&digest, &stored).await {
             self.cannot_store(&error);
         }
-        Ok(Manifest { digest, media_type: stored.media_type, bytes: stored.bytes })
+        Ok(Manifest { digest, media_type: stored.media_type, bytes: stored.bytes, source: Source::Upstream })
     }
 
     /// A blob: from the cache, or streamed from a (shared) fill.

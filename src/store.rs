@@ -108,15 +108,24 @@ impl Store {
                         continue;
                     };
                     let metadata = entry.metadata()?;
+                    let key = make_key(digest);
                     files.push(CachedFile {
-                        key: make_key(digest),
-                        size: metadata.len(),
+                        key,
+                        size: metadata.len() + self.sidecar_size(key),
                         last_used: metadata.modified().unwrap_or(UNIX_EPOCH),
                     });
                 }
             }
         }
         Ok(files)
+    }
+
+    /// The size of a manifest's media-type file, which counts toward the bound with it.
+    fn sidecar_size(&self, key: Key) -> u64 {
+        match key {
+            Key::Manifest(_) => std::fs::metadata(self.path_of(key).with_extension("type")).map_or(0, |m| m.len()),
+            Key::Blob(_) => 0,
+        }
     }
 
     /// Bytes held by blobs and manifests.
@@ -251,7 +260,7 @@ impl Store {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e),
             };
-            store.record_use(key, &file, bytes.len() as u64);
+            store.record_use(key, &file, (bytes.len() + media_type.len()) as u64);
             Ok(Some(StoredManifest { bytes: Bytes::from(bytes), media_type }))
         })
         .await
@@ -267,7 +276,7 @@ impl Store {
             // The type first: the bytes' appearance is what makes the manifest visible.
             store.write_atomic(&path.with_extension("type"), manifest.media_type.as_bytes())?;
             store.write_atomic(&path, &manifest.bytes)?;
-            store.index.insert(key, manifest.bytes.len() as u64);
+            store.index.insert(key, (manifest.bytes.len() + manifest.media_type.len()) as u64);
             store.index.enforce();
             Ok(())
         })

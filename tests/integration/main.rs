@@ -12,7 +12,10 @@
 //! Logs of every run are in `target/tmp/logs/run-<pid>-/`.
 
 mod auth;
+mod cache;
 mod clients;
 mod faults;
 mod harness;
 mod harness_checks;
+mod observability;
+mod single_flight;

@@ -27,3 +27,10 @@ static AGENT: LazyLock<ureq::Agent> = LazyLock::new(|| {
         .build()
         .into()
 });
+
+/// GET a binary body; fails on a non-200 status or a broken transfer.
+pub fn get_bytes(url: &str) -> Result<Vec<u8>> {
+    let mut response = AGENT.get(url).call().with_context(|| format!("GET {url}"))?;
+    anyhow::ensure!(response.status() == 200, "GET {url} answered {}", response.status());
+    response.body_mut().with_config().limit(u64::MAX).read_to_vec().with_context(|| format!("reading GET {url}"))
+}

@@ -143,6 +143,8 @@ pub struct PlatformManifest {
     pub blobs: Vec<Blob>,
     /// The manifest as the upstream serves it.
     pub manifest: Value,
+    /// The size of the manifest's bytes.
+    pub manifest_size: u64,
 }
 
 impl PlatformManifest {
@@ -181,7 +183,7 @@ impl PushedImage {
     }
 
     fn inspect(host: &str, repository: &str, tag: &str, credentials: Option<&Credentials>) -> Result<PushedImage> {
-        let fetch = |reference: &str| -> Result<(String, Value)> {
+        let fetch = |reference: &str| -> Result<(String, Value, u64)> {
             let mut inspect = process::tool("skopeo")?;
             inspect.args(["inspect", "--raw", "--tls-verify=false"]);
             if let Some(credentials) = credentials {
@@ -189,21 +191,22 @@ impl PushedImage {
             }
             let raw = run_stdout(inspect.arg(format!("docker://{host}/{repository}{reference}")))?;
             let manifest = serde_json::from_str(&raw).context("manifest is not JSON")?;
-            Ok((digest_of(raw.as_bytes()), manifest))
+            Ok((digest_of(raw.as_bytes()), manifest, raw.len() as u64))
         };
-        let (digest, manifest) = fetch(&format!(":{tag}"))?;
+        let (digest, manifest, manifest_size) = fetch(&format!(":{tag}"))?;
         let platforms = match manifest["manifests"].as_array().cloned() {
             None => vec![PlatformManifest {
                 architecture: ARCHITECTURE.into(),
                 digest: digest.clone(),
                 blobs: blobs_of(&manifest)?,
                 manifest,
+                manifest_size,
             }],
             Some(entries) => entries
                 .iter()
                 .map(|entry| {
                     let child = entry["digest"].as_str().context("index entry without digest")?;
-                    let (child_digest, child_manifest) = fetch(&format!("@{child}"))?;
+                    let (child_digest, child_manifest, child_size) = fetch(&format!("@{child}"))?;
                     Ok(PlatformManifest {
                         architecture: entry["platform"]["architecture"]
                             .as_str()
@@ -212,6 +215,7 @@ impl PushedImage {
                         digest: child_digest,
                         blobs: blobs_of(&child_manifest)?,
                         manifest: child_manifest,
+                        manifest_size: child_size,
                     })
                 })
                 .collect::<Result<_>>()?,

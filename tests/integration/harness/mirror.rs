@@ -41,6 +41,8 @@ pub struct UpstreamConfig {
 #[derive(Clone, Debug)]
 pub struct MirrorConfig {
     pub tag_ttl: String,
+    /// `max_cache_size`, when not the default.
+    pub max_cache_size: Option<String>,
     pub upstreams: Vec<UpstreamConfig>,
 }
 
@@ -49,6 +51,7 @@ impl MirrorConfig {
     pub fn docker_io(url: &str) -> MirrorConfig {
         MirrorConfig {
             tag_ttl: "5m".into(),
+            max_cache_size: None,
             upstreams: vec![UpstreamConfig {
                 name: "docker.io".into(),
                 url: url.into(),
@@ -56,6 +59,12 @@ impl MirrorConfig {
                 password: None,
             }],
         }
+    }
+
+    /// Bounds the cache, e.g. `"8MiB"`.
+    pub fn with_max_cache_size(mut self, size: &str) -> MirrorConfig {
+        self.max_cache_size = Some(size.into());
+        self
     }
 
     /// Adds credentials to the default upstream.
@@ -88,6 +97,9 @@ impl MirrorConfig {
         });
         let mut root = toml::Table::new();
         root.insert("tag_ttl".into(), self.tag_ttl.clone().into());
+        if let Some(size) = &self.max_cache_size {
+            root.insert("max_cache_size".into(), size.clone().into());
+        }
         root.insert("upstreams".into(), toml::Value::Array(upstreams.collect::<Result<_>>()?));
         Ok(toml::to_string(&root)?)
     }
@@ -136,6 +148,19 @@ impl Mirror {
         self.instance.process.terminate(Duration::from_secs(10));
         self.instance = Instance::launch(&self.name, &self.config, &self.dir)?;
         Ok(())
+    }
+
+    /// Kills the mirror with SIGKILL, as a crash or an OOM kill would, and starts it again on
+    /// the same cache dir and config.
+    pub fn crash_and_restart(&mut self) -> Result<()> {
+        self.instance.process.kill();
+        self.instance = Instance::launch(&self.name, &self.config, &self.dir)?;
+        Ok(())
+    }
+
+    /// The mirror's cache directory.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.join("cache")
     }
 
     /// `127.0.0.1:PORT`

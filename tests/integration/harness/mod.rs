@@ -8,13 +8,17 @@
 //! - [`mirror`]: a mirror process per test, with its own cache dir and log;
 //!   [`metrics`] reads its counters.
 //! - [`clients`]: skopeo, ctr, docker and podman pulling through a mirror.
+//! - [`fake_upstream`], [`in_process`]: a scriptable upstream for faults the real
+//!   registry cannot produce, and a mirror served in-process in front of it.
 //! - [`process`], [`wait`], [`workdir`], [`http`]: plumbing that keeps
 //!   processes from outliving the binary, polls instead of sleeping, and
 //!   keeps files in temp dirs and logs where a failed run can be read.
 
 pub mod clients;
+pub mod fake_upstream;
 pub mod http;
 pub mod images;
+pub mod in_process;
 pub mod metrics;
 pub mod mirror;
 pub mod process;

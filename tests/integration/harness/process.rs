@@ -104,6 +104,12 @@ impl Process {
         self.child.try_wait().with_context(|| format!("checking whether {} is alive", self.name))
     }
 
+    /// Kills the process group with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        signal_group(self.child.id(), libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
     /// Asks the process to stop with SIGTERM, and kills it after `grace`.
     pub fn terminate(&mut self, grace: Duration) {
         signal_group(self.child.id(), libc::SIGTERM);

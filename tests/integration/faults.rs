@@ -2,8 +2,6 @@
 //! for a digest, downloads cut mid-blob, slow fills shared by many readers, a dead or
 //! rate-limiting upstream, hostile requests. The real registry covers everything else.
 
-mod fake_upstream;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -11,163 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::StatusCode;
-use regmirror::config::{Config, UpstreamConfig};
-use regmirror::mirror::Mirror;
-use sha2::{Digest as _, Sha256};
 
-use fake_upstream::{FakeUpstream, Reply, Seen};
-
-/// A mirror served in-process on an ephemeral port, with its own cache directory.
-struct TestMirror {
-    url: String,
-    dir: tempfile::TempDir,
-    mirror: Arc<Mirror>,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-impl TestMirror {
-    async fn start(upstreams: &[(&str, &str)], tag_ttl: Duration) -> TestMirror {
-        let dir = tempfile::tempdir().unwrap();
-        Self::start_in(dir, upstreams, tag_ttl).await
-    }
-
-    async fn start_in(dir: tempfile::TempDir, upstreams: &[(&str, &str)], tag_ttl: Duration) -> TestMirror {
-        // The mirror's log, shown for failing tests (`RUST_LOG` picks the level).
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-        let config = Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            cache_dir: dir.path().to_owned(),
-            max_cache_size: 1 << 30,
-            tag_ttl,
-            upstreams: upstreams
-                .iter()
-                .map(|(name, url)| UpstreamConfig {
-                    name: name.to_string(),
-                    url: url.parse().unwrap(),
-                    credentials: None,
-                    repository_prefix: None,
-                    max_concurrent_fetches: 8,
-                    timeout: Duration::from_secs(5),
-                })
-                .collect(),
-        };
-        let mirror = Mirror::open(config).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(regmirror::server::run(listener, mirror.clone(), async move {
-            let _ = stopped.await;
-        }));
-        TestMirror { url, dir, mirror, _stop: stop }
-    }
-
-    async fn get(&self, path: &str) -> reqwest::Response {
-        self.request(reqwest::Method::GET, path, &[]).await
-    }
-
-    async fn request(&self, method: reqwest::Method, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
-        let mut request = client().request(method, format!("{}{path}", self.url));
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        request.send().await.expect("the mirror answers")
-    }
-
-    /// Committed blob files, counted on disk.
-    fn cached_blobs(&self) -> usize {
-        walk_files(&self.dir.path().join("blobs"))
-    }
-
-    /// Files left in tmp/ (a finished fill leaves none).
-    fn temp_files(&self) -> usize {
-        walk_files(&self.dir.path().join("tmp"))
-    }
-
-    /// The sum of a metric's samples whose line starts with `prefix`.
-    fn metric(&self, prefix: &str) -> f64 {
-        let text = String::from_utf8(self.mirror.metrics().encode()).unwrap();
-        text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
-    }
-}
-
-fn walk_files(dir: &std::path::Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-    entries.flatten().map(|e| if e.file_type().unwrap().is_dir() { walk_files(&e.path()) } else { 1 }).sum()
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
-}
-
-/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
-fn blob(len: usize, seed: u64) -> (Bytes, String) {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let data: Vec<u8> = (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    let digest = sha256(&data);
-    (Bytes::from(data), digest)
-}
-
-fn sha256(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
-}
-
-/// Serves `data` whole, or from the `Range: bytes=N-` offset with a 206.
-fn blob_reply(seen: &Seen, data: &Bytes) -> Reply {
-    let start = seen.header("range").and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse::<usize>().ok());
-    match start {
-        Some(start) => Reply::Full {
-            status: StatusCode::PARTIAL_CONTENT,
-            headers: vec![("content-range", format!("bytes {start}-{}/{}", data.len() - 1, data.len()))],
-            body: data.slice(start..),
-        },
-        None => Reply::ok(data.clone()),
-    }
-}
-
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-
-fn manifest_reply(body: &Bytes) -> Reply {
-    Reply::ok(body.clone()).with_header("content-type", OCI_MANIFEST).with_header("docker-content-digest", sha256(body))
-}
-
-/// Reads a whole body; `Err` if the transfer broke.
-async fn read_body(response: reqwest::Response) -> Result<Bytes, reqwest::Error> {
-    response.bytes().await
-}
-
-/// A blob download as a client sees it: `Err` for an error status or a broken transfer.
-async fn download(mirror: &TestMirror, path: &str) -> Result<Bytes, String> {
-    let response = mirror.get(path).await;
-    if !response.status().is_success() {
-        return Err(format!("status {}", response.status()));
-    }
-    response.bytes().await.map_err(|e| e.to_string())
-}
-
-/// Sends a request line as written, without the URL normalisation HTTP clients apply.
-async fn raw_status(mirror: &TestMirror, path: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(mirror.url.trim_start_matches("http://")).await.unwrap();
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.unwrap();
-    answer.split(' ').nth(1).unwrap().parse().unwrap()
-}
-
-async fn oci_error_code(response: reqwest::Response) -> String {
-    let json: serde_json::Value = response.json().await.expect("an OCI error body");
-    json["errors"][0]["code"].as_str().expect("an error code").to_owned()
-}
+use crate::harness::fake_upstream::{FakeUpstream, Reply};
+use crate::harness::in_process::*;
 
 #[tokio::test]
 async fn a_blob_with_wrong_bytes_is_refused_and_never_cached() {
@@ -479,30 +323,6 @@ async fn head_on_a_cold_blob_asks_the_upstream_without_downloading() {
     assert_eq!(response.headers()["docker-content-digest"], digest.as_str());
     assert_eq!(upstream.requests_to(&digest)[0].method, "HEAD");
     assert_eq!(mirror.cached_blobs(), 0);
-}
-
-/// A tmpfs mounted for one test, unmounted on drop. Needs root, as the suite does.
-struct SmallDisk {
-    dir: tempfile::TempDir,
-}
-
-impl SmallDisk {
-    fn mount(size: &str) -> SmallDisk {
-        let dir = tempfile::tempdir().unwrap();
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .expect("mount(8) from util-linux is needed: apt-get install -y mount");
-        assert!(status.success(), "mounting a tmpfs needs root");
-        SmallDisk { dir }
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
-    }
 }
 
 #[tokio::test]
