@@ -41,6 +41,12 @@ pub enum Command {
     Verify(CacheArgs),
     /// Evict least recently used content until the cache fits its bound (offline).
     Gc(CommonArgs),
+    /// Pull images into the cache ahead of time, through the same verified fill as a pull.
+    Seed(SeedArgs),
+    /// Write cached images to an OCI image layout tar (for `import` on another mirror).
+    Export(ExportArgs),
+    /// Add the images of an OCI image layout tar to the cache, all or nothing.
+    Import(ImportArgs),
 }
 
 /// Where the cache is: the config file's `cache_dir`, or a directory given directly.
@@ -76,6 +82,55 @@ pub struct ServeArgs {
     pub upstream: Option<String>,
 }
 
+/// `regmirror seed`. Safe to run against the cache directory of a running mirror.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SeedArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Seed this platform of multi-platform images, e.g. linux/arm64 or linux/arm/v7
+    /// (repeatable; default: linux on this machine's architecture).
+    #[arg(long = "platform", value_name = "OS/ARCH")]
+    pub platforms: Vec<String>,
+    /// Seed every platform of multi-platform images.
+    #[arg(long, conflicts_with = "platforms")]
+    pub all_platforms: bool,
+    /// Read references from LIST, one per line (`#` comments and blank lines allowed; `-`
+    /// for stdin).
+    #[arg(long, value_name = "LIST")]
+    pub file: Option<PathBuf>,
+    /// How many blobs to download at once.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
+    /// Images: alpine, alpine:3.20, ghcr.io/org/tool:v1, docker.io/library/alpine@sha256:...
+    #[arg(value_name = "IMAGE", required_unless_present = "file")]
+    pub images: Vec<String>,
+}
+
+/// `regmirror export`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// The tar file to write (replaced if it exists).
+    #[arg(long, short = 'o', value_name = "FILE.tar")]
+    pub output: PathBuf,
+    /// Cached images to export (export never fetches: seed them first). Each is named in the
+    /// archive by its full reference, e.g. docker.io/library/alpine:3.20, the NAME of skopeo's
+    /// oci-archive:FILE.tar:NAME.
+    #[arg(value_name = "IMAGE", required = true)]
+    pub images: Vec<String>,
+}
+
+/// `regmirror import`. Safe to run against the cache directory of a running mirror.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ImportArgs {
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// An OCI image layout tar, as `regmirror export` writes.
+    #[arg(value_name = "FILE.tar")]
+    pub archive: PathBuf,
+}
+
 /// A config problem, reported in one line before anything starts.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -100,6 +155,16 @@ struct FileConfig {
     cache_dir: Option<PathBuf>,
     max_cache_size: Option<String>,
     tag_ttl: Option<String>,
+    negative_ttl: Option<String>,
+    offline: Option<bool>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    #[serde(default)]
+    allow_cidrs: Vec<String>,
+    htpasswd_file: Option<PathBuf>,
+    max_connections: Option<usize>,
+    #[serde(default)]
+    pinned: Vec<String>,
     #[serde(default)]
     upstreams: Vec<FileUpstream>,
 }
@@ -118,6 +183,16 @@ struct FileUpstream {
     repository_prefix: Option<String>,
     max_concurrent_fetches: Option<usize>,
     timeout: Option<String>,
+    /// Bytes per second, e.g. "50MiB".
+    max_bandwidth: Option<String>,
+    /// A PEM file of extra CA certificates (private registries).
+    ca_file: Option<PathBuf>,
+    /// Skip TLS certificate verification (a last resort for lab registries).
+    insecure: Option<bool>,
+    /// Also serve this upstream under `/v2/<name>/...` for clients that cannot send `?ns=`.
+    path_prefix: Option<bool>,
+    /// Sent upstream as `?ns=` (for an upstream that is itself a mirror, e.g. regmirror).
+    upstream_ns: Option<String>,
 }
 
 /// The validated configuration.
@@ -127,8 +202,28 @@ pub struct Config {
     pub cache_dir: PathBuf,
     pub max_cache_size: u64,
     pub tag_ttl: Duration,
+    /// How long an upstream's "no such tag" is remembered, so a typo in a CI loop does not
+    /// hammer the upstream.
+    pub negative_ttl: Duration,
+    /// Serve only from the cache; contact no upstream (air-gapped sites).
+    pub offline: bool,
+    /// Serve HTTPS with this certificate chain and key (PEM), reloaded when they change.
+    pub tls: Option<TlsConfig>,
+    /// Client networks allowed to use the mirror; empty: everyone.
+    pub allow_cidrs: Vec<crate::access::Cidr>,
+    /// Require HTTP Basic auth against this htpasswd file (bcrypt hashes).
+    pub htpasswd_file: Option<PathBuf>,
+    pub max_connections: usize,
+    /// Images never evicted, e.g. `docker.io/library/alpine:3.20`.
+    pub pinned: Vec<crate::image_ref::ImageRef>,
     /// Never empty; the first is the default for requests that name none.
     pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -142,6 +237,12 @@ pub struct UpstreamConfig {
     pub max_concurrent_fetches: usize,
     /// How long an upstream may stay silent (connect, or between body chunks).
     pub timeout: Duration,
+    /// A cap on blob bytes per second fetched from this upstream, shared by all fills.
+    pub max_bandwidth: Option<u64>,
+    pub ca_file: Option<PathBuf>,
+    pub insecure: bool,
+    pub path_prefix: bool,
+    pub upstream_ns: Option<String>,
 }
 
 impl UpstreamConfig {
@@ -185,6 +286,8 @@ impl fmt::Debug for Credentials {
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
 pub const DEFAULT_MAX_CACHE_SIZE: &str = "50GiB";
 pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
+pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 const DEFAULT_MAX_CONCURRENT_FETCHES: usize = 64;
 const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -240,6 +343,41 @@ impl Config {
             None => DEFAULT_TAG_TTL,
         };
 
+        let negative_ttl = match pick("negative_ttl", file.negative_ttl, None) {
+            Some(s) => parse_duration(&s).map_err(|e| invalid("negative_ttl", e))?,
+            None => DEFAULT_NEGATIVE_TTL,
+        };
+        let offline = match pick("offline", file.offline.map(|b| b.to_string()), None) {
+            Some(s) => s.parse().map_err(|_| invalid("offline", format!("{s:?}: expected true or false")))?,
+            None => false,
+        };
+
+        let tls_cert = pick("tls_cert", file.tls_cert.map(|p| p.display().to_string()), None);
+        let tls_key = pick("tls_key", file.tls_key.map(|p| p.display().to_string()), None);
+        let tls = match (tls_cert, tls_key) {
+            (Some(cert), Some(key)) => Some(TlsConfig { cert: cert.into(), key: key.into() }),
+            (None, None) => None,
+            _ => return Err(invalid("tls_cert", "tls_cert and tls_key go together")),
+        };
+        let allow_cidrs = match env("REGMIRROR_ALLOW_CIDRS") {
+            Some(list) => list.split(',').map(str::to_owned).collect(),
+            None => file.allow_cidrs,
+        };
+        let allow_cidrs = allow_cidrs
+            .iter()
+            .map(|c| c.trim().parse().map_err(|e| invalid("allow_cidrs", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let htpasswd_file =
+            pick("htpasswd_file", file.htpasswd_file.map(|p| p.display().to_string()), None).map(PathBuf::from);
+        let max_connections = match pick("max_connections", file.max_connections.map(|n| n.to_string()), None) {
+            Some(n) => n
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| invalid("max_connections", "expected a positive number"))?,
+            None => DEFAULT_MAX_CONNECTIONS,
+        };
+
         let mut upstreams = file.upstreams.into_iter().map(UpstreamConfig::from_file).collect::<Result<Vec<_>, _>>()?;
         if upstreams.is_empty() {
             upstreams.push(UpstreamConfig::docker_hub());
@@ -253,19 +391,47 @@ impl Config {
             }
         }
 
-        Ok(Config { listen, cache_dir, max_cache_size, tag_ttl, upstreams })
+        let pinned = file
+            .pinned
+            .iter()
+            .map(|image| crate::image_ref::ImageRef::parse(image, &upstreams[0].name).map_err(|e| invalid("pinned", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Config {
+            listen,
+            cache_dir,
+            max_cache_size,
+            tag_ttl,
+            negative_ttl,
+            offline,
+            tls,
+            allow_cidrs,
+            htpasswd_file,
+            max_connections,
+            pinned,
+            upstreams,
+        })
     }
 }
 
 impl UpstreamConfig {
     fn docker_hub() -> Self {
+        Self::new("docker.io", Url::parse("https://registry-1.docker.io").expect("constant URL"))
+    }
+
+    /// An upstream with default settings (no credentials, no caps).
+    pub fn new(name: &str, url: Url) -> Self {
         UpstreamConfig {
-            name: "docker.io".to_owned(),
-            url: Url::parse("https://registry-1.docker.io").expect("constant URL"),
+            name: name.to_owned(),
+            url,
             credentials: None,
             repository_prefix: None,
             max_concurrent_fetches: DEFAULT_MAX_CONCURRENT_FETCHES,
             timeout: DEFAULT_UPSTREAM_TIMEOUT,
+            max_bandwidth: None,
+            ca_file: None,
+            insecure: false,
+            path_prefix: false,
+            upstream_ns: None,
         }
     }
 
@@ -295,6 +461,13 @@ impl UpstreamConfig {
             Some(t) => parse_duration(&t).map_err(|e| invalid(&key, e))?,
             None => DEFAULT_UPSTREAM_TIMEOUT,
         };
+        let max_bandwidth = match u.max_bandwidth {
+            Some(b) => Some(parse_size(&b).map_err(|e| invalid(&key, e))?.max(1)),
+            None => None,
+        };
+        if u.upstream_ns.as_deref().is_some_and(|ns| !is_valid_upstream_name(ns)) {
+            return Err(invalid(&key, "upstream_ns must be a registry host"));
+        }
         Ok(UpstreamConfig {
             url: parse_upstream_url(&key, &u.url)?,
             name: u.name,
@@ -302,6 +475,11 @@ impl UpstreamConfig {
             repository_prefix: u.repository_prefix,
             max_concurrent_fetches: u.max_concurrent_fetches.unwrap_or(DEFAULT_MAX_CONCURRENT_FETCHES).max(1),
             timeout,
+            max_bandwidth,
+            ca_file: u.ca_file,
+            insecure: u.insecure.unwrap_or(false),
+            path_prefix: u.path_prefix.unwrap_or(false),
+            upstream_ns: u.upstream_ns,
         })
     }
 }

@@ -26,6 +26,9 @@ pub enum Error {
     Reference(#[from] InvalidReference),
     #[error("no upstream named {0:?} is configured")]
     UnknownUpstream(String),
+    /// The upstream said so recently (remembered for `negative_ttl`).
+    #[error("manifest unknown to upstream {upstream}")]
+    ManifestUnknown { upstream: String },
     /// An upstream answer for a manifest, blob, tag list or referrers request.
     #[error("{error}")]
     Upstream { kind: Kind, error: UpstreamError },
@@ -35,6 +38,12 @@ pub enum Error {
     ManifestInvalid { upstream: String, reason: String },
     #[error("upstream {upstream} sent a manifest whose digest is {actual}, not {expected}")]
     ManifestDigestMismatch { upstream: String, expected: String, actual: String },
+    #[error("access denied from this network")]
+    Denied,
+    #[error("authentication required")]
+    Unauthorized,
+    #[error("request bodies are not accepted")]
+    BodyNotAllowed,
     #[error("range not satisfiable for a blob of {size} bytes")]
     RangeNotSatisfiable { size: u64 },
     #[error("cache storage error: {0}")]
@@ -66,6 +75,7 @@ fn upstream_error_class(kind: Kind, error: &UpstreamError) -> (StatusCode, &'sta
             (StatusCode::GATEWAY_TIMEOUT, "UNAVAILABLE")
         }
         UpstreamError::Auth { .. } => (StatusCode::BAD_GATEWAY, "DENIED"),
+        UpstreamError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
         _ => (StatusCode::BAD_GATEWAY, "UNAVAILABLE"),
     }
 }
@@ -92,6 +102,7 @@ impl Error {
                 InvalidReference::DigestAlgorithm(_) => (StatusCode::BAD_REQUEST, "UNSUPPORTED"),
             },
             Error::UnknownUpstream(_) => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+            Error::ManifestUnknown { .. } => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
             Error::Upstream { kind, error } => upstream_error_class(*kind, error),
             Error::Fill(e) => match &**e {
                 FillError::Upstream(error) => upstream_error_class(Kind::Blob, error),
@@ -102,6 +113,9 @@ impl Error {
                 (StatusCode::BAD_GATEWAY, "MANIFEST_INVALID")
             }
             Error::RangeNotSatisfiable { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID"),
+            Error::Denied => (StatusCode::FORBIDDEN, "DENIED"),
+            Error::Unauthorized => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+            Error::BodyNotAllowed => (StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID"),
             Error::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
         }
     }
@@ -120,6 +134,9 @@ impl Error {
             },
             Error::RangeNotSatisfiable { size } => {
                 vec![(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"))]
+            }
+            Error::Unauthorized => {
+                vec![(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"regmirror\""))]
             }
             Error::Route(RouteError::Unsupported(_) | RouteError::MethodNotAllowed(_)) => {
                 vec![(header::ALLOW, HeaderValue::from_static("GET, HEAD"))]

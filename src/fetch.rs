@@ -349,6 +349,7 @@ impl FillTask {
             if size.is_some_and(|size| written + len > size) {
                 return Err(self.wrong_length(size, written + len));
             }
+            self.upstream.throttle(len).await;
             if sink.file.is_none() {
                 // Spilling: the disk refused an earlier write, the rest stays in memory.
                 sink.hasher.update(&batch);

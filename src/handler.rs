@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -15,6 +16,7 @@ use hyper::body::Frame;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::access::{Access, Refusal};
 use crate::error::Error;
 use crate::fetch::{BlobHandle, Origin};
 use crate::metrics::{Metrics, Source};
@@ -27,8 +29,13 @@ pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 
 const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
 
-/// Answers one request. Never fails: every error becomes an OCI error response.
-pub async fn handle<B>(mirror: Arc<Mirror>, request: Request<B>) -> Result<Response<Body>, Infallible> {
+/// Answers one request from `peer`. Never fails: every error becomes an OCI error response.
+pub async fn handle<B: hyper::body::Body>(
+    mirror: Arc<Mirror>,
+    access: Arc<Access>,
+    peer: IpAddr,
+    request: Request<B>,
+) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
@@ -36,9 +43,10 @@ pub async fn handle<B>(mirror: Arc<Mirror>, request: Request<B>) -> Result<Respo
     async move {
         let route = routes::parse(&method, &path);
         let label = route.as_ref().map_or("unknown", Route::label);
-        let response = match route {
-            Ok(route) => dispatch(&mirror, route, &request).await,
-            Err(e) => Err(Error::from(e)),
+        let response = match (route, admit(&access, peer, &request)) {
+            (_, Err(refused)) => Err(refused),
+            (Ok(route), Ok(())) => dispatch(&mirror, route, &request).await,
+            (Err(e), Ok(())) => Err(Error::from(e)),
         };
         let mut response = response.unwrap_or_else(|error| error_response(&error));
         if path.starts_with("/v2") {
@@ -60,17 +68,32 @@ pub async fn handle<B>(mirror: Arc<Mirror>, request: Request<B>) -> Result<Respo
     .await
 }
 
+/// The gates before any routing: the client's network, its credentials, and no request body
+/// (a read-only mirror has no use for one, and an unread body only ties up the connection).
+fn admit<B: hyper::body::Body>(access: &Access, peer: IpAddr, request: &Request<B>) -> Result<(), Error> {
+    let open = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics");
+    let authorization = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match access.check(peer, open, authorization) {
+        Err(Refusal::Network) => return Err(Error::Denied),
+        Err(Refusal::Credentials) => return Err(Error::Unauthorized),
+        Ok(()) => {}
+    }
+    let has_body = !request.body().is_end_stream() && request.body().size_hint().upper() != Some(0);
+    let announced = request.headers().contains_key(header::TRANSFER_ENCODING)
+        || request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim() != "0");
+    if has_body && announced && matches!(*request.method(), Method::GET | Method::HEAD) {
+        return Err(Error::BodyNotAllowed);
+    }
+    Ok(())
+}
+
 async fn dispatch<B>(mirror: &Arc<Mirror>, route: Route, request: &Request<B>) -> Result<Response<Body>, Error> {
     let head = request.method() == Method::HEAD;
     let ns = query_param(request.uri().query(), "ns");
     match route {
         Route::ApiBase => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{}"))),
         Route::Healthz => Ok(text_response(StatusCode::OK, "ok\n")),
-        Route::Readyz => Ok(if mirror.is_ready() {
-            text_response(StatusCode::OK, "ready\n")
-        } else {
-            text_response(StatusCode::SERVICE_UNAVAILABLE, "cache directory is not writable\n")
-        }),
+        Route::Readyz => Ok(readiness(mirror)),
         Route::Metrics => {
             let mut response = Response::new(full(Bytes::from(mirror.metrics().encode())));
             response
@@ -85,7 +108,7 @@ async fn dispatch<B>(mirror: &Arc<Mirror>, route: Route, request: &Request<B>) -
             Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())))
         }
         Route::Manifest { name, reference } => {
-            let upstream = mirror.upstream(ns.as_deref())?;
+            let (upstream, name) = mirror.route(ns.as_deref(), &name)?;
             let accept = joined_header(request, header::ACCEPT);
             let manifest = mirror.manifest(upstream, &name, &reference, accept.as_deref()).await?;
             if !head {
@@ -100,7 +123,7 @@ async fn dispatch<B>(mirror: &Arc<Mirror>, route: Route, request: &Request<B>) -
             Ok(response)
         }
         Route::Blob { name, digest } => {
-            let upstream = mirror.upstream(ns.as_deref())?;
+            let (upstream, name) = mirror.route(ns.as_deref(), &name)?;
             if head {
                 let size = mirror.blob_size(upstream, &name, &digest).await?;
                 return Ok(blob_response(StatusCode::OK, &digest, size, None, empty()));
@@ -110,15 +133,15 @@ async fn dispatch<B>(mirror: &Arc<Mirror>, route: Route, request: &Request<B>) -
             serve_blob(mirror.metrics_arc(), blob, origin, &digest, range).await
         }
         Route::TagsList { name } => {
-            let upstream = mirror.upstream(ns.as_deref())?;
+            let (upstream, name) = mirror.route(ns.as_deref(), &name)?;
             let answer =
                 mirror.tags_list(upstream, &name, &forwarded_query(request.uri().query(), &["n", "last"])).await?;
             Ok(json_answer(answer))
         }
         Route::Referrers { name, digest } => {
-            let upstream = mirror.upstream(ns.as_deref())?;
-            let query = forwarded_query(request.uri().query(), &["artifactType"]);
-            Ok(json_answer(mirror.referrers(upstream, &name, &digest, &query).await?))
+            let (upstream, name) = mirror.route(ns.as_deref(), &name)?;
+            let artifact_type = query_param(request.uri().query(), "artifactType");
+            Ok(json_answer(mirror.referrers(upstream, &name, &digest, artifact_type.as_deref()).await?))
         }
     }
 }
@@ -199,6 +222,29 @@ fn counted_body(
 ) -> Body {
     let counted = stream.inspect_ok(move |chunk| metrics.served(source, chunk.len() as u64));
     StreamBody::new(Box::pin(counted).map_ok(Frame::data)).boxed_unsync()
+}
+
+/// `/readyz`: 503 while the cache cannot take writes; 200 otherwise, naming the upstreams
+/// that are marked down (the cache still answers for them).
+fn readiness(mirror: &Mirror) -> Response<Body> {
+    let mut body = String::new();
+    let status = if mirror.is_ready() {
+        body.push_str("ready\n");
+        StatusCode::OK
+    } else {
+        body.push_str("not ready: the cache directory is not writable\n");
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    for (name, down_for) in mirror.upstream_health() {
+        match down_for {
+            Some(d) => body.push_str(&format!("upstream {name}: down, next try in {}s\n", d.as_secs() + 1)),
+            None => body.push_str(&format!("upstream {name}: up\n")),
+        }
+    }
+    let mut response = Response::new(full(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
 }
 
 fn error_response(error: &Error) -> Response<Body> {

@@ -8,7 +8,9 @@
 //! - [`config`]: clap flags + TOML file + `REGMIRROR_*` env -> one validated `Config`.
 //! - [`reference`]: `RepoName`, `Tag`, `Digest`: validated once at the edge, trusted after.
 //! - [`routes`]: a pure parse of method + path into a `Route`.
-//! - [`server`]: the accept loop and graceful shutdown.
+//! - [`server`]: the accept loop, connection limits, TLS handshakes, graceful shutdown.
+//! - [`tls`]: HTTPS with certificates reloaded when their files change.
+//! - [`access`]: client network allow-list and Basic auth (htpasswd, bcrypt).
 //! - [`handler`]: HTTP framing of one request: route, call the mirror, write headers.
 //! - [`mirror`]: the pull-through logic for manifests, tags, blobs and tag lists.
 //! - [`fetch`]: single-flight blob fills: one upstream download, many readers.
@@ -20,19 +22,31 @@
 //! - [`manifest`]: what a manifest references (for `ls`, pinning, export).
 //! - [`maintenance`]: the offline commands `ls`, `verify`, `gc`.
 //! - [`metrics`]: the Prometheus metrics of the contract.
+//! - [`image_ref`]: image references as operators type them (`alpine:3.20`), qualified.
+//! - [`oci`]: descriptors and manifest shapes with sizes, platforms and annotations.
+//! - [`seed`]: `seed`: images pulled into the cache through the mirror's own fill path.
+//! - [`progress`]: progress bars on a terminal, plain lines otherwise.
+//! - [`archive`]: `export` and `import` of OCI image layout tars, verified, all or nothing.
 
+pub mod access;
+pub mod archive;
 pub mod config;
 pub mod error;
 pub mod fetch;
 pub mod handler;
+pub mod image_ref;
 pub mod index;
 pub mod maintenance;
 pub mod manifest;
 pub mod metrics;
 pub mod mirror;
+pub mod oci;
+pub mod progress;
 pub mod range;
 pub mod reference;
 pub mod routes;
+pub mod seed;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod upstream;

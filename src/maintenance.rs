@@ -11,6 +11,7 @@ use std::time::SystemTime;
 
 use sha2::{Digest as _, Sha256};
 
+use crate::image_ref::ImageRef;
 use crate::index::Key;
 use crate::metrics::Metrics;
 use crate::reference::{Digest, RepoName, Tag};
@@ -159,10 +160,12 @@ pub struct GcReport {
     pub remaining_bytes: u64,
 }
 
-/// Shrinks a cache to `max_bytes`, least recently used first. Blocking.
-pub fn gc(cache_dir: &std::path::Path, max_bytes: u64) -> io::Result<GcReport> {
+/// Shrinks a cache to `max_bytes`, least recently used first, keeping `pinned` images.
+/// Blocking.
+pub fn gc(cache_dir: &std::path::Path, max_bytes: u64, pinned: &[ImageRef]) -> io::Result<GcReport> {
     let metrics = Arc::new(Metrics::new());
     let store = Store::open(cache_dir, max_bytes, metrics.clone())?;
+    store.pin(pinned)?;
     store.enforce_bound();
     Ok(GcReport {
         evicted_files: metrics.evictions.get(),

@@ -63,6 +63,7 @@ pub struct Metrics {
     pub inflight_fetches: IntGauge,
     pub digest_mismatches: IntCounterVec,
     pub upstream_ratelimit_remaining: IntGaugeVec,
+    pub upstream_up: IntGaugeVec,
     pub cache_store_failures: IntCounter,
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
@@ -105,6 +106,15 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(ratelimit.clone())).expect("unique metric");
+        let upstream_up = IntGaugeVec::new(
+            Opts::new(
+                "regmirror_upstream_up",
+                "1 while the upstream is asked, 0 while it is marked down after repeated failures.",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(upstream_up.clone())).expect("unique metric");
 
         let metrics = Metrics {
             cache_hits: counter_vec("regmirror_cache_hits_total", "Requests answered from the cache.", &["kind"]),
@@ -145,6 +155,7 @@ impl Metrics {
                 &["upstream"],
             ),
             upstream_ratelimit_remaining: ratelimit,
+            upstream_up,
             cache_store_failures: counter(
                 "regmirror_cache_store_failures_total",
                 "Fills whose bytes could not be written to the cache (e.g. disk full).",

@@ -37,7 +37,14 @@ pub struct Mirror {
     upstreams: Vec<Arc<Upstream>>,
     fills: Fills,
     metrics: Arc<Metrics>,
+    /// Manifests the upstream said do not exist, remembered for `negative_ttl`.
+    unknown_manifests: moka::sync::Cache<(String, RepoName, String), ()>,
+    /// Referrers answers, trusted for `tag_ttl` like tags.
+    referrers: moka::sync::Cache<(String, RepoName, Digest, Option<String>), JsonAnswer>,
 }
+
+/// Bounds the in-memory answer caches (entries, not bytes: each is small).
+const ANSWER_CACHE_ENTRIES: u64 = 10_000;
 
 /// A manifest ready to serve.
 pub struct Manifest {
@@ -49,6 +56,7 @@ pub struct Manifest {
 }
 
 /// A small JSON answer passed through from the upstream (tag lists, referrers).
+#[derive(Clone)]
 pub struct JsonAnswer {
     pub content_type: String,
     pub body: Bytes,
@@ -56,33 +64,56 @@ pub struct JsonAnswer {
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
+/// [`Store::open`] or [`Store::open_shared`].
+type OpenStore = fn(&std::path::Path, u64, Arc<Metrics>) -> std::io::Result<Store>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot open cache directory {path}: {source}")]
     Store { path: String, source: std::io::Error },
     #[error("cannot build the HTTP client for upstream {name}: {source}")]
-    Client { name: String, source: reqwest::Error },
+    Client { name: String, source: crate::upstream::ClientError },
 }
 
 impl Mirror {
     /// Opens the cache and prepares the upstream clients. Contacts no upstream: the mirror
     /// starts and serves its cache even when every upstream is down.
     pub fn open(config: Config) -> Result<Arc<Mirror>, StartError> {
+        Self::open_with(config, Store::open)
+    }
+
+    /// Like [`Mirror::open`], for a command that fills a cache a running mirror may be
+    /// serving (`seed`): see [`Store::open_shared`].
+    pub fn open_shared(config: Config) -> Result<Arc<Mirror>, StartError> {
+        Self::open_with(config, Store::open_shared)
+    }
+
+    fn open_with(config: Config, open_store: OpenStore) -> Result<Arc<Mirror>, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let store = Store::open(&config.cache_dir, config.max_cache_size, metrics.clone())
-            .map_err(|source| StartError::Store { path: config.cache_dir.display().to_string(), source })?;
+        let store_error = |source| StartError::Store { path: config.cache_dir.display().to_string(), source };
+        let store = open_store(&config.cache_dir, config.max_cache_size, metrics.clone()).map_err(store_error)?;
+        store.pin(&config.pinned).map_err(store_error)?;
+        store.enforce_bound();
         let upstreams = config
             .upstreams
             .iter()
             .map(|u| {
-                Upstream::new(u.clone(), metrics.clone())
+                Upstream::new(u.clone(), metrics.clone(), config.offline)
                     .map(Arc::new)
                     .map_err(|source| StartError::Client { name: u.name.clone(), source })
             })
             .collect::<Result<Vec<_>, _>>()?;
         metrics.cache_max_size_bytes.set(config.max_cache_size.min(i64::MAX as u64) as i64);
         let fills = Fills::new(store.clone(), metrics.clone());
-        Ok(Arc::new(Mirror { config, store, upstreams, fills, metrics }))
+        let unknown_manifests = moka::sync::Cache::builder()
+            .max_capacity(ANSWER_CACHE_ENTRIES)
+            .time_to_live(config.negative_ttl.max(std::time::Duration::from_millis(1)))
+            .build();
+        let referrers = moka::sync::Cache::builder()
+            .max_capacity(ANSWER_CACHE_ENTRIES)
+            .time_to_live(config.tag_ttl.max(std::time::Duration::from_millis(1)))
+            .build();
+        Ok(Arc::new(Mirror { config, store, upstreams, fills, metrics, unknown_manifests, referrers }))
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -111,6 +142,25 @@ impl Mirror {
         }
     }
 
+    /// The upstream and repository a request is for. Besides `?ns=`, an upstream configured
+    /// with `path_prefix = true` is also reached as `/v2/<upstream name>/<repository>/...`,
+    /// for clients that cannot send `ns` (Docker's daemon mirrors only Docker Hub and
+    /// podman's mirrors rewrite only the host; both can put the registry in the path).
+    pub fn route(&self, ns: Option<&str>, name: &RepoName) -> Result<(&Arc<Upstream>, RepoName), Error> {
+        if ns.is_none()
+            && let Some((first, rest)) = name.as_str().split_once('/')
+            && let Some(upstream) = self.upstreams.iter().find(|u| u.config().path_prefix && u.name() == first)
+        {
+            return Ok((upstream, RepoName::parse(rest)?));
+        }
+        Ok((self.upstream(ns)?, name.clone()))
+    }
+
+    /// Each upstream and, while it is marked down, how long until it is tried again.
+    pub fn upstream_health(&self) -> Vec<(&str, Option<std::time::Duration>)> {
+        self.upstreams.iter().map(|u| (u.name(), u.down_for())).collect()
+    }
+
     /// The name a repository is cached under: the same for `alpine` and `library/alpine` on
     /// Docker Hub, so both share one cache entry.
     fn cache_name(&self, upstream: &Upstream, repo: &RepoName) -> RepoName {
@@ -130,10 +180,19 @@ impl Mirror {
         accept: Option<&str>,
     ) -> Result<Manifest, Error> {
         let repo = self.cache_name(upstream, repo);
-        match reference {
+        let negative_key = (upstream.name().to_owned(), repo.clone(), reference.to_string());
+        if self.unknown_manifests.contains_key(&negative_key) {
+            return Err(Error::ManifestUnknown { upstream: upstream.name().to_owned() });
+        }
+        let answer = match reference {
             Reference::Digest(digest) => self.manifest_by_digest(upstream, &repo, digest, accept).await,
             Reference::Tag(tag) => self.manifest_by_tag(upstream, &repo, tag, accept).await,
+        };
+        if let Err(Error::Upstream { error: UpstreamError::Status { status: StatusCode::NOT_FOUND, .. }, .. }) = &answer
+        {
+            self.unknown_manifests.insert(negative_key, ());
         }
+        answer
     }
 
     async fn manifest_by_digest(
@@ -194,6 +253,7 @@ impl Mirror {
                     if let Err(error) = self.store.put_tag(upstream.name(), repo, tag, &record).await {
                         self.cannot_store(&error);
                     }
+                    self.refresh_pins(upstream, repo).await;
                 }
                 Ok(manifest)
             }
@@ -300,6 +360,7 @@ impl Mirror {
         if let Err(error) = self.store.put_manifest(&digest, &stored).await {
             self.cannot_store(&error);
         }
+        self.refresh_pins(upstream, repo).await;
         Ok(Manifest { digest, media_type: stored.media_type, bytes: stored.bytes, source: Source::Upstream })
     }
 
@@ -378,16 +439,67 @@ impl Mirror {
         }
     }
 
-    /// OCI 1.1 referrers, passed through from the upstream.
+    /// OCI 1.1 referrers of `digest`, optionally filtered by artifact type. From the
+    /// upstream's referrers API when it has one; when it answers 404 (no such API, as
+    /// distribution 2.8), from the spec's fallback: the index tagged `sha256-<hex>`, filtered
+    /// here, or an empty index. Answers are kept for `tag_ttl`.
     pub async fn referrers(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         digest: &Digest,
-        query: &str,
+        artifact_type: Option<&str>,
     ) -> Result<JsonAnswer, Error> {
         let repo = self.cache_name(upstream, repo);
-        self.pass_through(upstream, &repo, &format!("referrers/{digest}"), query, Kind::Referrers).await
+        let key = (upstream.name().to_owned(), repo.clone(), *digest, artifact_type.map(str::to_owned));
+        if let Some(answer) = self.referrers.get(&key) {
+            return Ok(answer);
+        }
+        let query = artifact_type
+            .map(|t| url::form_urlencoded::Serializer::new(String::new()).append_pair("artifactType", t).finish())
+            .unwrap_or_default();
+        let answer =
+            match self.pass_through(upstream, &repo, &format!("referrers/{digest}"), &query, Kind::Referrers).await {
+                Err(Error::Upstream { error: UpstreamError::Status { status: StatusCode::NOT_FOUND, .. }, .. }) => {
+                    self.referrers_by_tag_schema(upstream, &repo, digest, artifact_type).await?
+                }
+                other => other?,
+            };
+        self.referrers.insert(key, answer.clone());
+        Ok(answer)
+    }
+
+    /// The referrers tag schema: an OCI index tagged `sha256-<hex>` lists the referrers.
+    async fn referrers_by_tag_schema(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<JsonAnswer, Error> {
+        let tag = Tag::parse(&format!("sha256-{}", digest.hex()))?;
+        let index = match self.manifest(upstream, repo, &Reference::Tag(tag), Some(MANIFEST_TYPES[0])).await {
+            Ok(manifest) => serde_json::from_slice::<serde_json::Value>(&manifest.bytes).ok(),
+            Err(Error::ManifestUnknown { .. }) => None,
+            Err(Error::Upstream { error: UpstreamError::Status { status: StatusCode::NOT_FOUND, .. }, .. }) => None,
+            Err(error) => return Err(error),
+        };
+        let mut manifests: Vec<serde_json::Value> =
+            index.and_then(|i| i.get("manifests").and_then(|m| m.as_array()).cloned()).unwrap_or_default();
+        let mut headers = Vec::new();
+        if let Some(wanted) = artifact_type {
+            manifests.retain(|m| m.get("artifactType").and_then(|t| t.as_str()) == Some(wanted));
+            headers.push((
+                http::HeaderName::from_static("oci-filters-applied"),
+                http::HeaderValue::from_static("artifactType"),
+            ));
+        }
+        let body = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_TYPES[0],
+            "manifests": manifests,
+        });
+        Ok(JsonAnswer { content_type: MANIFEST_TYPES[0].to_owned(), body: Bytes::from(body.to_string()), headers })
     }
 
     async fn pass_through(
@@ -421,6 +533,20 @@ impl Mirror {
         Ok(self.store.repositories(upstream.name()).await?)
     }
 
+    /// Re-pins after a pinned repository's tag or manifest was stored, so what it now
+    /// references is kept from the start.
+    async fn refresh_pins(&self, upstream: &Upstream, repo: &RepoName) {
+        let affected = self.config.pinned.iter().any(|p| p.registry == upstream.name() && p.repository == *repo);
+        if !affected {
+            return;
+        }
+        let (store, pinned) = (self.store.clone(), self.config.pinned.clone());
+        let result = tokio::task::spawn_blocking(move || store.pin(&pinned)).await;
+        if let Ok(Err(error)) | Err(error) = result.map_err(std::io::Error::other) {
+            tracing::warn!(%error, "cannot refresh pinned images");
+        }
+    }
+
     /// A verified answer the disk refused: the client still gets it, the cache does not.
     fn cannot_store(&self, error: &std::io::Error) {
         self.metrics.cache_store_failures.inc();
@@ -439,7 +565,10 @@ fn is_upstream_trouble(error: &Error) -> bool {
         Error::Upstream { error: UpstreamError::Status { status, .. }, .. } => {
             status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
         }
-        Error::Upstream { error: UpstreamError::Unreachable { .. } | UpstreamError::Invalid { .. }, .. } => true,
+        Error::Upstream {
+            error: UpstreamError::Unreachable { .. } | UpstreamError::Invalid { .. } | UpstreamError::Unavailable { .. },
+            ..
+        } => true,
         _ => false,
     }
 }

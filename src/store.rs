@@ -22,6 +22,7 @@
 //!
 //! Callers see only the methods below: the later S3 tier implements the same surface.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tempfile::NamedTempFile;
 
+use crate::image_ref::ImageRef;
 use crate::index::{Index, Key};
 use crate::metrics::Metrics;
 use crate::reference::{Digest, RepoName, Tag};
@@ -78,13 +80,24 @@ impl Store {
     /// interrupted fills left in `tmp/`, rebuilds the LRU index from the files' mtimes, and
     /// evicts the least recently used files if the cache is over the bound.
     pub fn open(root: &Path, max_bytes: u64, metrics: Arc<Metrics>) -> io::Result<Store> {
+        Self::open_with(root, max_bytes, metrics, true)
+    }
+
+    /// Opens a cache directory that a running mirror may be using (for `seed` and `import`):
+    /// like [`Store::open`], but leaves `tmp/` alone, since its files may be that mirror's
+    /// fills in progress.
+    pub fn open_shared(root: &Path, max_bytes: u64, metrics: Arc<Metrics>) -> io::Result<Store> {
+        Self::open_with(root, max_bytes, metrics, false)
+    }
+
+    fn open_with(root: &Path, max_bytes: u64, metrics: Arc<Metrics>, clear_tmp: bool) -> io::Result<Store> {
         for dir in ["blobs/sha256", "manifests/sha256", "repos", "tmp"] {
             std::fs::create_dir_all(root.join(dir))?;
         }
         let paths = Paths { root: root.to_owned() };
         let evict = Box::new(move |key: Key| paths.delete(key));
         let store = Store { root: root.to_owned(), index: Arc::new(Index::new(max_bytes, metrics, evict)) };
-        let removed = store.clear_tmp()?;
+        let removed = if clear_tmp { store.clear_tmp()? } else { 0 };
         if removed > 0 {
             tracing::info!(removed, "removed files of interrupted fills");
         }
@@ -93,7 +106,7 @@ impl Store {
         for file in &files {
             store.index.insert(file.key, file.size);
         }
-        store.index.enforce();
+        // No eviction yet: the caller pins what must stay first, then calls `enforce_bound`.
         Ok(store)
     }
 
@@ -136,6 +149,53 @@ impl Store {
     /// Applies pending evictions. Blocking.
     pub fn enforce_bound(&self) {
         self.index.enforce();
+    }
+
+    /// Pins `images`: the manifests they resolve to through cached tag records, and
+    /// everything those reference (cached now or later), are never evicted. Blocking.
+    pub fn pin(&self, images: &[ImageRef]) -> io::Result<()> {
+        let mut wanted = HashSet::new();
+        for image in images {
+            let digest = match (&image.digest, &image.tag) {
+                (Some(digest), _) => Some(*digest),
+                (None, Some(tag)) => self.read_tag(&image.registry, &image.repository, tag)?.map(|r| r.digest),
+                (None, None) => None,
+            };
+            if let Some(digest) = digest {
+                wanted.extend(self.referenced_keys(&digest)?);
+            }
+        }
+        self.index.set_pinned(wanted);
+        Ok(())
+    }
+
+    /// A manifest and everything it references, through indexes, whether cached or not
+    /// (children of an index are followed only when cached). Blocking; records no use.
+    fn referenced_keys(&self, digest: &Digest) -> io::Result<HashSet<Key>> {
+        let mut keys = HashSet::new();
+        let mut pending = vec![*digest];
+        while let Some(manifest) = pending.pop() {
+            if !keys.insert(Key::Manifest(manifest)) {
+                continue;
+            }
+            let bytes = match std::fs::read(self.manifest_path(&manifest)) {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let references = crate::manifest::references(&bytes);
+            keys.extend(references.blobs.into_iter().map(Key::Blob));
+            pending.extend(references.manifests.into_iter().map(|(d, _)| d));
+        }
+        Ok(keys)
+    }
+
+    fn read_tag(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> io::Result<Option<TagRecord>> {
+        match std::fs::read(self.tag_path(upstream, repo, tag)) {
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The path of a cached file (for `verify` and `export`).
@@ -284,14 +344,9 @@ impl Store {
     }
 
     pub async fn tag(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> io::Result<Option<TagRecord>> {
-        let path = self.tag_path(upstream, repo, tag);
-        blocking(move || match std::fs::read(&path) {
-            // A record we cannot parse is as good as none: it will be fetched again.
-            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        })
-        .await
+        let (store, upstream, repo, tag) = (self.clone(), upstream.to_owned(), repo.clone(), tag.clone());
+        // A record we cannot parse is as good as none: it will be fetched again.
+        blocking(move || store.read_tag(&upstream, &repo, &tag)).await
     }
 
     pub async fn put_tag(&self, upstream: &str, repo: &RepoName, tag: &Tag, record: &TagRecord) -> io::Result<()> {
@@ -481,6 +536,7 @@ mod tests {
 
         // Room for two of the three: the least recently used (b) goes.
         let store = Store::open(dir.path(), 2 * 4096, Arc::new(Metrics::new())).unwrap();
+        store.enforce_bound();
         assert!(store.has_blob(&a));
         assert!(!store.has_blob(&b));
         assert!(store.has_blob(&c));

@@ -7,6 +7,8 @@
 //! Redirect targets never receive the upstream's `Authorization` header.
 
 pub mod auth;
+pub mod bandwidth;
+pub mod health;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +25,8 @@ use crate::config::UpstreamConfig;
 use crate::metrics::{Kind, Metrics};
 use crate::reference::{Digest, RepoName};
 use auth::{Challenge, TokenCache, TokenResponse};
+use bandwidth::Bandwidth;
+use health::Health;
 
 /// What went wrong talking to an upstream. Knows nothing of how a client is answered.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +43,9 @@ pub enum UpstreamError {
     Auth { upstream: String, reason: String },
     #[error("upstream {upstream} sent a bad answer: {reason}")]
     Invalid { upstream: String, reason: String },
+    /// Not asked at all: offline mode, or marked down after repeated failures.
+    #[error("upstream {upstream} is not contacted: {reason}")]
+    Unavailable { upstream: String, reason: String },
 }
 
 impl UpstreamError {
@@ -74,26 +81,54 @@ pub struct Upstream {
     metrics: Arc<Metrics>,
     /// Bounds concurrent blob downloads toward this upstream.
     fetch_permits: Arc<Semaphore>,
+    health: Health,
+    bandwidth: Option<Bandwidth>,
+    /// Offline mode: never contacted.
+    offline: bool,
 }
 
 impl Upstream {
-    pub fn new(config: UpstreamConfig, metrics: Arc<Metrics>) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
+    pub fn new(config: UpstreamConfig, metrics: Arc<Metrics>, offline: bool) -> Result<Self, ClientError> {
+        let mut builder = reqwest::Client::builder()
             .user_agent(concat!("regmirror/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(config.timeout)
             .read_timeout(config.timeout)
-            .build()?;
+            .danger_accept_invalid_certs(config.insecure);
+        if let Some(path) = &config.ca_file {
+            let pem = std::fs::read(path).map_err(|e| ClientError::CaFile(path.clone(), e.to_string()))?;
+            let bundle = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| ClientError::CaFile(path.clone(), e.to_string()))?;
+            for certificate in bundle {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let http = builder.build().map_err(ClientError::Build)?;
         metrics.register_upstream(&config.name);
-        let fetch_permits = Arc::new(Semaphore::new(config.max_concurrent_fetches));
+        metrics.upstream_up.with_label_values(&[config.name.as_str()]).set(1);
         Ok(Upstream {
-            config,
             http,
             tokens: TokenCache::default(),
             wants_basic: AtomicBool::new(false),
             metrics,
-            fetch_permits,
+            fetch_permits: Arc::new(Semaphore::new(config.max_concurrent_fetches)),
+            health: Health::default(),
+            bandwidth: config.max_bandwidth.map(Bandwidth::new),
+            offline,
+            config,
         })
+    }
+
+    /// `Some(remaining)` while the upstream is marked down after repeated failures.
+    pub fn down_for(&self) -> Option<Duration> {
+        self.health.down_for()
+    }
+
+    /// Waits for this upstream's bandwidth cap to allow `bytes` more.
+    pub async fn throttle(&self, bytes: u64) {
+        if let Some(bandwidth) = &self.bandwidth {
+            bandwidth.take(bytes).await;
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -178,10 +213,14 @@ impl Upstream {
         headers: HeaderMap,
         kind: Kind,
     ) -> Result<reqwest::Response, UpstreamError> {
+        self.check_available()?;
         let remote = self.remote_name(repo);
         let mut url = self.config.url.join(&format!("v2/{remote}/{suffix}")).map_err(|e| self.invalid(e))?;
         if !query.is_empty() {
             url.set_query(Some(query));
+        }
+        if let Some(ns) = &self.config.upstream_ns {
+            url.query_pairs_mut().append_pair("ns", ns);
         }
         let scope = format!("repository:{remote}:pull");
         let mut attempt = 0;
@@ -192,6 +231,7 @@ impl Upstream {
                 Err(e) => e.is_transient(),
             };
             if !transient || attempt == RETRIES {
+                self.record_health(&result);
                 return result;
             }
             attempt += 1;
@@ -289,6 +329,33 @@ impl Upstream {
         let parsed: TokenResponse =
             serde_json::from_slice(&body).map_err(|_| auth_error("token endpoint sent no JSON".into()))?;
         parsed.into_token().ok_or_else(|| auth_error("token endpoint sent no token".into()))
+    }
+
+    /// Counts the outcome of one request (after its retries) toward the upstream's health:
+    /// an answer below 500 is health, no answer or a 5xx is a failure.
+    fn record_health(&self, result: &Result<reqwest::Response, UpstreamError>) {
+        let answered = match result {
+            Ok(r) => !r.status().is_server_error(),
+            Err(e) => !e.is_transient(),
+        };
+        let name = self.config.name.as_str();
+        if self.health.record(answered) {
+            tracing::warn!(upstream = %name, "upstream marked down after repeated failures");
+        }
+        let up = self.health.down_for().is_none();
+        self.metrics.upstream_up.with_label_values(&[name]).set(i64::from(up));
+    }
+
+    /// Fails at once in offline mode or while the upstream is marked down.
+    fn check_available(&self) -> Result<(), UpstreamError> {
+        let reason = if self.offline {
+            "offline mode".to_owned()
+        } else if let Some(remaining) = self.down_for() {
+            format!("marked down after repeated failures, next try in {}s", remaining.as_secs() + 1)
+        } else {
+            return Ok(());
+        };
+        Err(UpstreamError::Unavailable { upstream: self.config.name.clone(), reason })
     }
 
     /// Sends one request; for blobs, follows redirects without the Authorization header.
@@ -390,6 +457,15 @@ pub async fn read_limited(response: reqwest::Response, limit: usize) -> Result<B
     Ok(body.freeze())
 }
 
+/// Why an upstream's HTTP client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot use CA file {0}: {1}")]
+    CaFile(std::path::PathBuf, String),
+    #[error(transparent)]
+    Build(reqwest::Error),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error("body larger than {0} bytes")]
@@ -403,15 +479,9 @@ mod tests {
     use super::*;
 
     fn upstream(name: &str, prefix: Option<&str>) -> Upstream {
-        let config = UpstreamConfig {
-            name: name.into(),
-            url: Url::parse("http://127.0.0.1:1").unwrap(),
-            credentials: None,
-            repository_prefix: prefix.map(str::to_owned),
-            max_concurrent_fetches: 1,
-            timeout: Duration::from_secs(1),
-        };
-        Upstream::new(config, Arc::new(Metrics::new())).unwrap()
+        let mut config = UpstreamConfig::new(name, Url::parse("http://127.0.0.1:1").unwrap());
+        config.repository_prefix = prefix.map(str::to_owned);
+        Upstream::new(config, Arc::new(Metrics::new()), false).unwrap()
     }
 
     #[test]

@@ -159,3 +159,41 @@ fn a_crash_mid_fill_leaves_nothing_partial() -> Result<()> {
     drop(upstream);
     Ok(())
 }
+
+#[tokio::test]
+async fn pinned_images_are_never_evicted() {
+    let (config_blob, config_digest) = blob(1000, 400);
+    let (layer, layer_digest) = blob(MIB as usize, 401);
+    let manifest = Bytes::from(format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":1000}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer_digest}","size":{MIB}}}]}}"#,
+        OCI = crate::harness::in_process::OCI_MANIFEST,
+    ));
+    let mut blobs: Vec<_> = (0..4).map(|n| blob(MIB as usize, 410 + n)).collect();
+    blobs.push((config_blob, config_digest.clone()));
+    blobs.push((layer.clone(), layer_digest.clone()));
+    let serve_blob = lru_upstream(&blobs);
+    let upstream = FakeUpstream::start(move |seen| {
+        if seen.path.contains("/manifests/") {
+            crate::harness::in_process::manifest_reply(&manifest)
+        } else {
+            serve_blob(seen)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = TestMirror::config(&dir, &[("docker.io", &upstream.url())]);
+    config.max_cache_size = 3 * MIB;
+    config.pinned = vec![regmirror::image_ref::ImageRef::parse("docker.io/library/keep:1", "docker.io").unwrap()];
+    let mirror = TestMirror::start_config(dir, config).await;
+
+    assert_eq!(mirror.get("/v2/library/keep/manifests/1").await.status(), http::StatusCode::OK);
+    for digest in [&config_digest, &layer_digest] {
+        download(&mirror, &format!("/v2/library/keep/blobs/{digest}")).await.unwrap();
+    }
+    for (_, digest) in &blobs[..4] {
+        download(&mirror, &blob_path(digest)).await.unwrap();
+    }
+    assert!(cached(&mirror, &layer_digest) && cached(&mirror, &config_digest), "pinned content stays");
+    assert!(content_bytes(mirror.dir.path()) <= 3 * MIB, "and the bound holds for everything together");
+    assert!(mirror.metric("regmirror_evictions_total") >= 2.0);
+}

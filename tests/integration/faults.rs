@@ -175,7 +175,7 @@ async fn cached_tags_and_digests_are_served_when_the_upstream_is_down() {
     assert_eq!(mirror.get(&format!("/v2/library/app/blobs/{layer_digest}")).await.status(), StatusCode::OK);
     // What is not cached reports the upstream's trouble.
     let missing = mirror.get("/v2/library/app/manifests/2.0").await;
-    assert_eq!(missing.status(), StatusCode::BAD_GATEWAY);
+    assert!(matches!(missing.status().as_u16(), 502 | 503), "{}", missing.status());
     assert_eq!(oci_error_code(missing).await, "UNAVAILABLE");
 
     // With the upstream gone entirely, and the mirror restarted on the same cache.

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 pub struct Seen {
     pub method: String,
     pub path: String,
+    pub query: Option<String>,
     pub headers: HeaderMap,
 }
 
@@ -83,6 +84,7 @@ impl FakeUpstream {
                     let seen = Seen {
                         method: request.method().to_string(),
                         path: request.uri().path().to_owned(),
+                        query: request.uri().query().map(str::to_owned),
                         headers: request.headers().clone(),
                     };
                     log.lock().unwrap().push(seen.clone());

@@ -50,33 +50,51 @@ impl TestMirror {
         tag_ttl: Duration,
         max_cache_size: u64,
     ) -> TestMirror {
+        let mut config = Self::config(&dir, upstreams);
+        config.tag_ttl = tag_ttl;
+        config.max_cache_size = max_cache_size;
+        Self::start_config(dir, config).await
+    }
+
+    /// The config the other constructors start from, for tests that need more knobs.
+    pub fn config(dir: &tempfile::TempDir, upstreams: &[(&str, &str)]) -> Config {
+        Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            cache_dir: dir.path().to_owned(),
+            max_cache_size: 1 << 30,
+            tag_ttl: Duration::from_secs(300),
+            negative_ttl: Duration::from_secs(30),
+            offline: false,
+            tls: None,
+            allow_cidrs: Vec::new(),
+            htpasswd_file: None,
+            max_connections: 1024,
+            pinned: Vec::new(),
+            upstreams: upstreams
+                .iter()
+                .map(|(name, url)| {
+                    let mut upstream = UpstreamConfig::new(name, url.parse().unwrap());
+                    upstream.max_concurrent_fetches = 8;
+                    upstream.timeout = Duration::from_secs(5);
+                    upstream
+                })
+                .collect(),
+        }
+    }
+
+    /// A mirror with exactly `config` (its `cache_dir` should be `dir`).
+    pub async fn start_config(dir: tempfile::TempDir, config: Config) -> TestMirror {
         // The mirror's log, shown for failing tests (`RUST_LOG` picks the level).
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
-        let config = Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            cache_dir: dir.path().to_owned(),
-            max_cache_size,
-            tag_ttl,
-            upstreams: upstreams
-                .iter()
-                .map(|(name, url)| UpstreamConfig {
-                    name: name.to_string(),
-                    url: url.parse().unwrap(),
-                    credentials: None,
-                    repository_prefix: None,
-                    max_concurrent_fetches: 8,
-                    timeout: Duration::from_secs(5),
-                })
-                .collect(),
-        };
         let mirror = Mirror::open(config).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(regmirror::server::run(listener, mirror.clone(), async move {
+        let options = regmirror::server::ServeOptions::default();
+        tokio::spawn(regmirror::server::run(listener, mirror.clone(), options, async move {
             let _ = stopped.await;
         }));
         TestMirror { url, dir, mirror, _stop: stop }

@@ -7,7 +7,7 @@
 //! it prints its log's path and tail; libtest shows that output only for
 //! failing tests. [`Mirror::restart`] starts a new process on the same cache.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -43,6 +43,8 @@ pub struct MirrorConfig {
     pub tag_ttl: String,
     /// `max_cache_size`, when not the default.
     pub max_cache_size: Option<String>,
+    /// Further top-level settings (TLS, access control, ...), written as given.
+    pub settings: Vec<(String, toml::Value)>,
     pub upstreams: Vec<UpstreamConfig>,
 }
 
@@ -52,6 +54,7 @@ impl MirrorConfig {
         MirrorConfig {
             tag_ttl: "5m".into(),
             max_cache_size: None,
+            settings: Vec::new(),
             upstreams: vec![UpstreamConfig {
                 name: "docker.io".into(),
                 url: url.into(),
@@ -59,6 +62,12 @@ impl MirrorConfig {
                 password: None,
             }],
         }
+    }
+
+    /// Adds a top-level setting, e.g. `("tls_cert", "/path".into())`.
+    pub fn with_setting(mut self, key: &str, value: impl Into<toml::Value>) -> MirrorConfig {
+        self.settings.push((key.into(), value.into()));
+        self
     }
 
     /// Bounds the cache, e.g. `"8MiB"`.
@@ -100,6 +109,9 @@ impl MirrorConfig {
         if let Some(size) = &self.max_cache_size {
             root.insert("max_cache_size".into(), size.clone().into());
         }
+        for (key, value) in &self.settings {
+            root.insert(key.clone(), value.clone());
+        }
         root.insert("upstreams".into(), toml::Value::Array(upstreams.collect::<Result<_>>()?));
         Ok(toml::to_string(&root)?)
     }
@@ -117,6 +129,8 @@ pub struct Mirror {
     name: String,
     config: MirrorConfig,
     dir: Scratch,
+    /// `dir/cache`, or the directory given to [`Mirror::start_on_cache_dir`].
+    cache_dir: PathBuf,
     instance: Instance,
 }
 
@@ -136,17 +150,29 @@ impl Mirror {
     /// Starts a mirror whose files are named after `name`.
     pub fn start_named(name: &str, config: MirrorConfig) -> Result<Mirror> {
         let dir = Scratch::new(name)?;
-        dir.subdir("cache")?;
+        let cache_dir = dir.subdir("cache")?;
+        Mirror::launch(name, config, dir, cache_dir)
+    }
+
+    /// Starts a mirror named after the running test on an existing cache directory (one
+    /// filled by `regmirror import`, say) instead of a fresh one.
+    pub fn start_on_cache_dir(config: MirrorConfig, cache_dir: &Path) -> Result<Mirror> {
+        let name = workdir::test_scoped("mirror");
+        let dir = Scratch::new(&name)?;
+        Mirror::launch(&name, config, dir, cache_dir.to_owned())
+    }
+
+    fn launch(name: &str, config: MirrorConfig, dir: Scratch, cache_dir: PathBuf) -> Result<Mirror> {
         std::fs::write(dir.join("config.toml"), config.to_toml()?)?;
-        let instance = Instance::launch(name, &config, &dir)?;
-        Ok(Mirror { name: name.into(), config, dir, instance })
+        let instance = Instance::launch(name, &config, &dir, &cache_dir)?;
+        Ok(Mirror { name: name.into(), config, dir, cache_dir, instance })
     }
 
     /// Stops the mirror (SIGTERM) and starts it again on the same cache dir
     /// and config.
     pub fn restart(&mut self) -> Result<()> {
         self.instance.process.terminate(Duration::from_secs(10));
-        self.instance = Instance::launch(&self.name, &self.config, &self.dir)?;
+        self.instance = Instance::launch(&self.name, &self.config, &self.dir, &self.cache_dir)?;
         Ok(())
     }
 
@@ -154,13 +180,13 @@ impl Mirror {
     /// the same cache dir and config.
     pub fn crash_and_restart(&mut self) -> Result<()> {
         self.instance.process.kill();
-        self.instance = Instance::launch(&self.name, &self.config, &self.dir)?;
+        self.instance = Instance::launch(&self.name, &self.config, &self.dir, &self.cache_dir)?;
         Ok(())
     }
 
     /// The mirror's cache directory.
     pub fn cache_dir(&self) -> PathBuf {
-        self.dir.join("cache")
+        self.cache_dir.clone()
     }
 
     /// `127.0.0.1:PORT`
@@ -202,12 +228,12 @@ impl Mirror {
 }
 
 impl Instance {
-    fn launch(name: &str, config: &MirrorConfig, dir: &Scratch) -> Result<Instance> {
+    fn launch(name: &str, config: &MirrorConfig, dir: &Scratch, cache_dir: &Path) -> Result<Instance> {
         let log = workdir::log_file(name)?;
         let mut command = Command::new(env!("CARGO_BIN_EXE_regmirror"));
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--cache-dir"])
-            .arg(dir.join("cache"))
+            .arg(cache_dir)
             .arg("--config")
             .arg(dir.join("config.toml"))
             .envs(config.environment());

@@ -1,5 +1,6 @@
 //! containerd, started once per test binary with its own root, state and
-//! socket, and `ctr images pull --hosts-dir` through a mirror.
+//! socket, and `ctr images pull --hosts-dir` through a mirror, with the
+//! `hosts.toml` files of `deploy/clients/containerd/`.
 //!
 //! Every pull runs in a namespace of its own. containerd shares blobs
 //! across namespaces by default, which would let a second pull skip the
@@ -13,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, Result};
 
-use super::{PullClient, PulledImage, UNREACHABLE_REGISTRY};
+use super::{MIRROR_PLACEHOLDER, PullClient, PulledImage, UNREACHABLE_REGISTRY, deploy_snippet};
 use crate::harness::images::ARCHITECTURE;
 use crate::harness::process::{self, Process, run_stdout};
 use crate::harness::shared;
@@ -79,16 +80,18 @@ pub struct Ctr {
 }
 
 impl Ctr {
-    /// A client using the registry at `mirror_host` as docker.io's mirror.
+    /// A client using the registry at `mirror_host` as the mirror of docker.io and ghcr.io,
+    /// with `deploy/clients/containerd/*/hosts.toml`.
     pub fn new(mirror_host: &str) -> Result<Ctr> {
         let hosts = Scratch::new("ctr-hosts")?;
-        std::fs::write(
-            hosts.subdir("docker.io")?.join("hosts.toml"),
-            format!(
-                "server = \"http://{UNREACHABLE_REGISTRY}\"\n\
-                 [host.\"http://{mirror_host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-            ),
-        )?;
+        let unreachable = format!("http://{UNREACHABLE_REGISTRY}");
+        for (registry, server) in [("docker.io", "https://registry-1.docker.io"), ("ghcr.io", "https://ghcr.io")] {
+            let text = deploy_snippet(
+                &format!("containerd/{registry}/hosts.toml"),
+                &[(MIRROR_PLACEHOLDER, mirror_host), (server, &unreachable)],
+            )?;
+            std::fs::write(hosts.subdir(registry)?.join("hosts.toml"), text)?;
+        }
         Ok(Ctr { containerd: containerd()?, hosts })
     }
 }

@@ -1,11 +1,12 @@
 //! dockerd, started once per test binary on the shared containerd, and
 //! `docker pull` through it.
 //!
-//! dockerd takes its `--registry-mirror` at start, so it gets a dedicated
-//! long-lived mirror of the shared plain upstream. Tests use it one at a
-//! time through a [`DockerSession`], which also lets them attribute the
-//! mirror's metrics to their own pulls. Each pull first prunes every image,
-//! so layers are fetched again.
+//! dockerd takes its mirror at start (`registry-mirrors` in its config
+//! file, `deploy/clients/daemon.json`), so it gets a dedicated long-lived
+//! mirror of the shared plain upstream. Tests use it one at a time through
+//! a [`DockerSession`], which also lets them attribute the mirror's metrics
+//! to their own pulls. Each pull first prunes every image, so layers are
+//! fetched again.
 //!
 //! dockerd silently falls back to Docker Hub when the mirror fails, so tests
 //! must prove the mirror served the pull (its metrics or the upstream's
@@ -20,7 +21,7 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 
 use super::containerd::containerd;
-use super::{PullClient, PulledImage};
+use super::{MIRROR_PLACEHOLDER, PullClient, PulledImage, deploy_snippet};
 use crate::harness::images::ARCHITECTURE;
 use crate::harness::mirror::{Mirror, MirrorConfig};
 use crate::harness::process::{self, Process, run, run_stdout};
@@ -60,8 +61,9 @@ impl Dockerd {
         let containerd = containerd()?;
         let dir = Scratch::new("dockerd")?;
         let socket = dir.join("docker.sock");
-        // An empty config file keeps /etc/docker/daemon.json out of it.
-        std::fs::write(dir.join("daemon.json"), "{}")?;
+        // deploy/clients/daemon.json, which also keeps /etc/docker/daemon.json out of it.
+        let daemon_json = deploy_snippet("daemon.json", &[(MIRROR_PLACEHOLDER, mirror.host())])?;
+        std::fs::write(dir.join("daemon.json"), daemon_json)?;
         let log = workdir::log_file("shared-dockerd")?;
         let mut command = process::tool("dockerd")?;
         command
@@ -78,9 +80,7 @@ impl Dockerd {
             .args(["--storage-driver", "vfs", "--bridge", "none"])
             .args(["--iptables=false", "--ip6tables=false"])
             .arg("--containerd")
-            .arg(containerd.socket())
-            .arg("--registry-mirror")
-            .arg(mirror.url());
+            .arg(containerd.socket());
         let mut process = Process::spawn_logged("dockerd", command, &log, &log)?;
         wait::for_log_line(&mut process, &log, "API listen on")?;
         Ok(Dockerd { socket, dir, mirror, in_use: Mutex::new(()), _process: process })

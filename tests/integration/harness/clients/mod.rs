@@ -9,6 +9,10 @@
 //! a closed local port: a client that gives up on the mirror then fails at
 //! once instead of trying the internet. (dockerd cannot be told; see
 //! [`docker`].)
+//!
+//! Clients are configured with the files users copy from `deploy/clients/`
+//! (the README shows the same text), read by [`deploy_snippet`] with only the
+//! placeholders replaced, so a snippet that stops working fails these tests.
 
 pub mod containerd;
 pub mod docker;
@@ -17,7 +21,7 @@ pub mod skopeo;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 
 use super::images::{ARCHITECTURE, PushedImage};
 
@@ -70,21 +74,36 @@ impl PulledImage {
     }
 }
 
-/// Writes a containers-registries.conf (skopeo, podman) in `dir` that sends
-/// docker.io pulls to the mirror at `mirror_host`.
+/// The placeholder for the mirror's address in `deploy/clients/`.
+pub const MIRROR_PLACEHOLDER: &str = "MIRROR:5000";
+
+/// `deploy/clients/`, the client configuration the README tells users to copy.
+pub fn deploy_clients_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/clients")
+}
+
+/// The file `relative` of [`deploy_clients_dir`] with each `(from, to)` replaced. Every `from`
+/// must occur: a snippet that no longer contains what a test replaces would otherwise be used
+/// with, say, the real Docker Hub in it.
+pub fn deploy_snippet(relative: &str, substitutions: &[(&str, &str)]) -> Result<String> {
+    let path = deploy_clients_dir().join(relative);
+    let mut text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    for (from, to) in substitutions {
+        ensure!(text.contains(from), "{} no longer contains {from:?}", path.display());
+        text = text.replace(from, to);
+    }
+    Ok(text)
+}
+
+/// Writes `deploy/clients/registries.conf` (skopeo, podman) into `dir`, sending docker.io
+/// pulls to the mirror at `mirror_host` and docker.io itself to [`UNREACHABLE_REGISTRY`].
 pub fn write_registries_conf(dir: &Path, mirror_host: &str) -> Result<PathBuf> {
     let path = dir.join("registries.conf");
-    std::fs::write(
-        &path,
-        format!(
-            "[[registry]]\n\
-             prefix = \"docker.io\"\n\
-             location = \"{UNREACHABLE_REGISTRY}\"\n\
-             insecure = true\n\
-             [[registry.mirror]]\n\
-             location = \"{mirror_host}\"\n\
-             insecure = true\n"
-        ),
+    let unreachable = format!("location = \"{UNREACHABLE_REGISTRY}\"");
+    let text = deploy_snippet(
+        "registries.conf",
+        &[(MIRROR_PLACEHOLDER, mirror_host), ("location = \"docker.io\"", &unreachable)],
     )?;
+    std::fs::write(&path, text)?;
     Ok(path)
 }
