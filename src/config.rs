@@ -193,6 +193,8 @@ struct FileUpstream {
     path_prefix: Option<bool>,
     /// Sent upstream as `?ns=` (for an upstream that is itself a mirror, e.g. regmirror).
     upstream_ns: Option<String>,
+    /// This upstream's own `tag_ttl`.
+    tag_ttl: Option<String>,
 }
 
 /// The validated configuration.
@@ -243,6 +245,9 @@ pub struct UpstreamConfig {
     pub insecure: bool,
     pub path_prefix: bool,
     pub upstream_ns: Option<String>,
+    /// Overrides the global `tag_ttl` for this upstream (e.g. shorter for a private registry
+    /// whose tags move, longer for Docker Hub's pull limit).
+    pub tag_ttl: Option<Duration>,
 }
 
 impl UpstreamConfig {
@@ -432,6 +437,7 @@ impl UpstreamConfig {
             insecure: false,
             path_prefix: false,
             upstream_ns: None,
+            tag_ttl: None,
         }
     }
 
@@ -480,6 +486,7 @@ impl UpstreamConfig {
             insecure: u.insecure.unwrap_or(false),
             path_prefix: u.path_prefix.unwrap_or(false),
             upstream_ns: u.upstream_ns,
+            tag_ttl: u.tag_ttl.map(|t| parse_duration(&t)).transpose().map_err(|e| invalid(&key, e))?,
         })
     }
 }

@@ -56,16 +56,35 @@ pub async fn handle<B: hyper::body::Body>(
         let metrics = mirror.metrics();
         metrics.http_requests.with_label_values(&[method_label(&method), label, status.as_str()]).inc();
         metrics.http_request_duration.with_label_values(&[label]).observe(started.elapsed().as_secs_f64());
-        let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
-        if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), route = label, elapsed_ms, "request failed");
+        let note = response.extensions_mut().remove::<Note>().unwrap_or_default();
+        let bytes: u64 =
+            response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
+        let elapsed_ms = (started.elapsed().as_secs_f64() * 1e4).round() / 10.0;
+        let (status, cache) = (status.as_u16(), note.cache.unwrap_or("-"));
+        let upstream = note.upstream.as_deref().unwrap_or("-");
+        if status >= 500 {
+            tracing::warn!(status, route = label, bytes, elapsed_ms, cache, upstream, "request failed");
         } else {
-            tracing::info!(status = status.as_u16(), route = label, elapsed_ms, "request");
+            tracing::info!(status, route = label, bytes, elapsed_ms, cache, upstream, "request");
         }
         Ok(response)
     }
     .instrument(span)
     .await
+}
+
+/// What the request log line says beyond the response itself: which upstream the request was
+/// for and whether the cache answered. Set by `dispatch` as a response extension.
+#[derive(Clone, Default)]
+struct Note {
+    upstream: Option<String>,
+    cache: Option<&'static str>,
+}
+
+fn noted(mut response: Response<Body>, upstream: &str, from_cache: Option<bool>) -> Response<Body> {
+    let cache = from_cache.map(|hit| if hit { "hit" } else { "miss" });
+    response.extensions_mut().insert(Note { upstream: Some(upstream.to_owned()), cache });
+    response
 }
 
 /// The gates before any routing: the client's network, its credentials, and no request body
@@ -120,17 +139,18 @@ async fn dispatch<B>(mirror: &Arc<Mirror>, route: Route, request: &Request<B>) -
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(manifest.bytes.len()));
             headers.insert("docker-content-digest", header_value(&manifest.digest.to_string()));
             headers.insert(header::ETAG, header_value(&format!("\"{}\"", manifest.digest)));
-            Ok(response)
+            Ok(noted(response, upstream.name(), Some(manifest.source == Source::Cache)))
         }
         Route::Blob { name, digest } => {
             let (upstream, name) = mirror.route(ns.as_deref(), &name)?;
             if head {
                 let size = mirror.blob_size(upstream, &name, &digest).await?;
-                return Ok(blob_response(StatusCode::OK, &digest, size, None, empty()));
+                return Ok(noted(blob_response(StatusCode::OK, &digest, size, None, empty()), upstream.name(), None));
             }
             let (blob, origin) = mirror.blob(upstream, &name, &digest).await?;
             let range = request.headers().get(header::RANGE).and_then(|v| v.to_str().ok());
-            serve_blob(mirror.metrics_arc(), blob, origin, &digest, range).await
+            let response = serve_blob(mirror.metrics_arc(), blob, origin, &digest, range).await?;
+            Ok(noted(response, upstream.name(), Some(origin == Origin::Cache)))
         }
         Route::TagsList { name } => {
             let (upstream, name) = mirror.route(ns.as_deref(), &name)?;
@@ -241,10 +261,7 @@ fn readiness(mirror: &Mirror) -> Response<Body> {
             None => body.push_str(&format!("upstream {name}: up\n")),
         }
     }
-    let mut response = Response::new(full(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    response
+    plain_text(status, Bytes::from(body))
 }
 
 fn error_response(error: &Error) -> Response<Body> {
@@ -275,9 +292,15 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
 }
 
 fn text_response(status: StatusCode, text: &'static str) -> Response<Body> {
-    let mut response = Response::new(full(Bytes::from_static(text.as_bytes())));
+    plain_text(status, Bytes::from_static(text.as_bytes()))
+}
+
+fn plain_text(status: StatusCode, text: Bytes) -> Response<Body> {
+    let length = text.len();
+    let mut response = Response::new(full(text));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     response
 }
 

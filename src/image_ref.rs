@@ -77,7 +77,7 @@ impl ImageRef {
             repository
         };
         let tag = match (tag, &digest) {
-            (None, None) => Some(Tag::parse("latest").expect("a valid tag")),
+            (None, None) => Some(latest()),
             (tag, _) => tag,
         };
         Ok(ImageRef { registry, repository, tag, digest })
@@ -93,12 +93,13 @@ impl ImageRef {
         ImageRef::parse(input, DOCKER_HUB).ok()
     }
 
-    /// What to ask the registry for: the digest when there is one, else the tag.
+    /// What to ask the registry for: the digest when there is one, else the tag (`latest`
+    /// if neither is set, as [`ImageRef::parse`] would have made it).
     pub fn reference(&self) -> Reference {
         match (&self.digest, &self.tag) {
             (Some(digest), _) => Reference::Digest(*digest),
             (None, Some(tag)) => Reference::Tag(tag.clone()),
-            (None, None) => unreachable!("parse gives every reference a tag or a digest"),
+            (None, None) => Reference::Tag(latest()),
         }
     }
 
@@ -119,6 +120,10 @@ impl fmt::Display for ImageRef {
         }
         Ok(())
     }
+}
+
+fn latest() -> Tag {
+    Tag::parse("latest").expect("`latest` is a valid tag")
 }
 
 fn reason_of(error: &InvalidReference, what: &str) -> String {

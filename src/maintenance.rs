@@ -29,9 +29,10 @@ pub struct ListedTag {
     pub last_used: Option<SystemTime>,
 }
 
-/// Opens a cache for reading without evicting anything.
+/// Opens a cache for reading without evicting anything, and without touching `tmp/`, where
+/// a running mirror's fills may be in progress.
 pub fn open_unbounded(cache_dir: &std::path::Path) -> io::Result<Store> {
-    Store::open(cache_dir, u64::MAX, Arc::new(Metrics::new()))
+    Store::open_shared(cache_dir, u64::MAX, Arc::new(Metrics::new()))
 }
 
 /// Every cached tag of every upstream, sorted.

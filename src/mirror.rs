@@ -227,7 +227,8 @@ impl Mirror {
         let cached = self.cached_tag(upstream, repo, tag, accept).await?;
         if let Some((record, stored)) = &cached {
             let age = unix_now().saturating_sub(record.checked_at);
-            if age < self.config.tag_ttl.as_secs() || self.revalidate(upstream, repo, tag, record).await {
+            let ttl = upstream.config().tag_ttl.unwrap_or(self.config.tag_ttl);
+            if age < ttl.as_secs() || self.revalidate(upstream, repo, tag, record).await {
                 self.metrics.hit(Kind::Manifest);
                 return Ok(Manifest {
                     digest: record.digest,

@@ -9,7 +9,7 @@
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use regmirror::reference::{Digest, RepoName, Reference, Tag};
+use regmirror::reference::{Digest, Reference, RepoName, Tag};
 
 #[derive(Debug, Arbitrary)]
 struct Input<'a> {

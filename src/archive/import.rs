@@ -204,6 +204,9 @@ fn stage(store: &Store, path: &Path, dir: &Path) -> Result<Staged, ImportError> 
         staged.blobs.insert(digest, (written, keep));
     }
     drop(archive);
+    if ended.get() && entries.get() == 0 {
+        return Err(ImportError::NotLayout("the archive is empty".into()));
+    }
     if ended.get() {
         return Err(ImportError::Truncated("it ends before tar's end-of-archive marker".into()));
     }

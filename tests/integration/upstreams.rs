@@ -230,3 +230,57 @@ async fn a_rate_limited_upstream_still_gets_cached_tags_served() {
     assert_eq!(uncached.headers()["retry-after"], "60");
     assert_eq!(mirror.metric("regmirror_upstream_ratelimit_remaining{upstream=\"docker.io\"}"), 0.0);
 }
+
+/// Two real registries behind one mirror, one of them with token auth, and containerd
+/// pulling `docker.io/…` and `ghcr.io/…` through it with a hosts.toml for each: containerd
+/// names the registry with `?ns=`. The fixtures share their layers, which are stored once.
+#[test]
+fn containerd_pulls_from_two_real_registries_through_one_mirror() -> anyhow::Result<()> {
+    use crate::harness::clients::containerd::containerd;
+    use crate::harness::mirror::{Mirror, MirrorConfig, UpstreamConfig};
+    use crate::harness::{process, shared, workdir::Scratch};
+
+    let (plain, token) = (shared::plain()?, shared::token_auth()?);
+    let mut config = MirrorConfig::docker_io(&plain.registry.upstream.url());
+    config.upstreams.push(UpstreamConfig {
+        name: "ghcr.io".into(),
+        url: token.registry.upstream.url(),
+        username: None,
+        password: None,
+    });
+    let mirror = Mirror::start(config)?;
+
+    let hosts = Scratch::new("two-registries-hosts")?;
+    for registry in ["docker.io", "ghcr.io"] {
+        std::fs::write(
+            hosts.subdir(registry)?.join("hosts.toml"),
+            format!(
+                "server = \"http://{}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                crate::harness::clients::UNREACHABLE_REGISTRY,
+                mirror.host()
+            ),
+        )?;
+    }
+    let image = &plain.fixtures.alpine;
+    for registry in ["docker.io", "ghcr.io"] {
+        let reference = format!("{registry}/{}:{}", image.repository, image.tag);
+        let output = process::run_stdout(
+            containerd()?
+                .ctr(&format!("two-registries-{registry}"))?
+                .args(["images", "pull", "--hosts-dir"])
+                .arg(hosts.path())
+                .args(["--snapshotter", "native", "--platform", "linux/amd64"])
+                .arg(&reference),
+        )?;
+        anyhow::ensure!(output.contains("unpacking"), "ctr did not unpack {reference}:\n{output}");
+    }
+    let blobs = image.platform(crate::harness::images::ARCHITECTURE)?.blobs.len();
+    let stored = crate::harness::in_process::walk_files(&mirror.cache_dir().join("blobs"));
+    anyhow::ensure!(stored == blobs, "{stored} blob files for {blobs} blobs shared by both registries");
+    let catalog = crate::harness::http::get(&format!("{}/v2/_catalog?ns=ghcr.io", mirror.url()))?;
+    anyhow::ensure!(catalog.body.contains(&image.repository), "ghcr.io catalog: {}", catalog.body);
+    let fetched =
+        mirror.counter("regmirror_upstream_requests_total", &[("upstream", "ghcr.io"), ("kind", "manifest")])?;
+    anyhow::ensure!(fetched >= 1.0, "nothing was asked of ghcr.io");
+    Ok(())
+}

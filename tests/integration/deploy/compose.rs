@@ -118,10 +118,7 @@ fn compose_mirror_serves_its_config_with_its_command() -> Result<()> {
     ensure!(compose.container_port("regmirror")? == facts.port, "the published port is not `listen`'s");
 
     let mut healthcheck = vec!["CMD".to_owned()];
-    let instructions = dockerfile::instructions(&read("Dockerfile")?);
-    let image_probe = instructions.iter().rev().find(|i| i.keyword == "HEALTHCHECK").context("no HEALTHCHECK")?;
-    let (_, image_command) = image_probe.arguments.split_once("CMD ").context("HEALTHCHECK without CMD")?;
-    healthcheck.extend(serde_json::from_str::<Vec<String>>(image_command)?);
+    healthcheck.extend(dockerfile::image_healthcheck()?);
     ensure!(mirror["healthcheck"]["test"] == serde_json::json!(healthcheck), "the healthcheck is not the image's");
 
     let args: Vec<&str> =

@@ -12,13 +12,13 @@ const PORT: &str = "5000";
 
 /// One instruction: continuation lines joined, comments left out.
 #[derive(Debug)]
-pub struct Instruction {
-    pub keyword: String,
-    pub arguments: String,
+struct Instruction {
+    keyword: String,
+    arguments: String,
 }
 
 /// The instructions of a Dockerfile, in order.
-pub fn instructions(text: &str) -> Vec<Instruction> {
+fn instructions(text: &str) -> Vec<Instruction> {
     let mut instructions = Vec::new();
     let mut pending = String::new();
     for line in text.lines().map(str::trim) {
@@ -74,6 +74,11 @@ fn healthcheck(stage: &[Instruction]) -> Result<Vec<String>> {
     let healthcheck = last(stage, "HEALTHCHECK")?;
     let (_, command) = healthcheck.split_once("CMD ").context("HEALTHCHECK without CMD")?;
     exec_form(command)
+}
+
+/// The exec-form command of the image's `HEALTHCHECK`.
+pub fn image_healthcheck() -> Result<Vec<String>> {
+    healthcheck(runtime_stage(&instructions(&read("Dockerfile")?))?)
 }
 
 /// The `uid:gid` the image runs as.

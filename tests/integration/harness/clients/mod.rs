@@ -96,13 +96,18 @@ pub fn deploy_snippet(relative: &str, substitutions: &[(&str, &str)]) -> Result<
 }
 
 /// Writes `deploy/clients/registries.conf` (skopeo, podman) into `dir`, sending docker.io
-/// pulls to the mirror at `mirror_host` and docker.io itself to [`UNREACHABLE_REGISTRY`].
+/// and ghcr.io pulls to the mirror at `mirror_host` and both registries themselves to
+/// [`UNREACHABLE_REGISTRY`].
 pub fn write_registries_conf(dir: &Path, mirror_host: &str) -> Result<PathBuf> {
     let path = dir.join("registries.conf");
     let unreachable = format!("location = \"{UNREACHABLE_REGISTRY}\"");
     let text = deploy_snippet(
         "registries.conf",
-        &[(MIRROR_PLACEHOLDER, mirror_host), ("location = \"docker.io\"", &unreachable)],
+        &[
+            (MIRROR_PLACEHOLDER, mirror_host),
+            ("location = \"docker.io\"", &unreachable),
+            ("location = \"ghcr.io\"", &unreachable),
+        ],
     )?;
     std::fs::write(&path, text)?;
     Ok(path)

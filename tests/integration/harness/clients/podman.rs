@@ -16,7 +16,8 @@ pub struct Podman {
 }
 
 impl Podman {
-    /// A client using the registry at `mirror_host` as docker.io's mirror.
+    /// A client using the registry at `mirror_host` as the mirror of docker.io and, by path,
+    /// of ghcr.io (`deploy/clients/registries.conf`).
     pub fn new(mirror_host: &str) -> Result<Podman> {
         let config = Scratch::new("podman-config")?;
         write_registries_conf(config.path(), mirror_host)?;

@@ -16,7 +16,8 @@ pub struct Skopeo {
 }
 
 impl Skopeo {
-    /// A client using the registry at `mirror_host` as docker.io's mirror.
+    /// A client using the registry at `mirror_host` as the mirror of docker.io and, by path,
+    /// of ghcr.io (`deploy/clients/registries.conf`).
     pub fn new(mirror_host: &str) -> Result<Skopeo> {
         let config = Scratch::new("skopeo")?;
         write_registries_conf(config.path(), mirror_host)?;
