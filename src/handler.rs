@@ -129,7 +129,8 @@ async fn dispatch<B>(mirror: &Arc<Mirror>, route: Route, request: &Request<B>) -
         Route::Manifest { name, reference } => {
             let (upstream, name) = mirror.route(ns.as_deref(), &name)?;
             let accept = joined_header(request, header::ACCEPT);
-            let manifest = mirror.manifest(upstream, &name, &reference, accept.as_deref()).await?;
+            let forwarded = request.headers().contains_key(crate::cluster::PEER_HEADER);
+            let manifest = mirror.manifest(upstream, &name, &reference, accept.as_deref(), forwarded).await?;
             if !head {
                 mirror.metrics().served(manifest.source, manifest.bytes.len() as u64);
             }
@@ -139,6 +140,9 @@ async fn dispatch<B>(mirror: &Arc<Mirror>, route: Route, request: &Request<B>) -
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(manifest.bytes.len()));
             headers.insert("docker-content-digest", header_value(&manifest.digest.to_string()));
             headers.insert(header::ETAG, header_value(&format!("\"{}\"", manifest.digest)));
+            if let (true, Some(checked_at)) = (forwarded, manifest.checked_at) {
+                headers.insert(crate::cluster::CHECKED_AT_HEADER, HeaderValue::from(checked_at));
+            }
             Ok(noted(response, upstream.name(), Some(manifest.source == Source::Cache)))
         }
         Route::Blob { name, digest } => {
@@ -147,7 +151,8 @@ async fn dispatch<B>(mirror: &Arc<Mirror>, route: Route, request: &Request<B>) -
                 let size = mirror.blob_size(upstream, &name, &digest).await?;
                 return Ok(noted(blob_response(StatusCode::OK, &digest, size, None, empty()), upstream.name(), None));
             }
-            let (blob, origin) = mirror.blob(upstream, &name, &digest).await?;
+            let forwarded = request.headers().contains_key(crate::cluster::PEER_HEADER);
+            let (blob, origin) = mirror.blob(upstream, &name, &digest, forwarded).await?;
             let range = request.headers().get(header::RANGE).and_then(|v| v.to_str().ok());
             let response = serve_blob(mirror.metrics_arc(), blob, origin, &digest, range).await?;
             Ok(noted(response, upstream.name(), Some(origin == Origin::Cache)))
@@ -259,6 +264,17 @@ fn readiness(mirror: &Mirror) -> Response<Body> {
         match down_for {
             Some(d) => body.push_str(&format!("upstream {name}: down, next try in {}s\n", d.as_secs() + 1)),
             None => body.push_str(&format!("upstream {name}: up\n")),
+        }
+    }
+    // The shared tier being down degrades a replica but does not stop it: it keeps serving
+    // its local tier, so it stays in the load balancer (status 200) and says so here.
+    if let Some((store, down_for)) = mirror.shared_health() {
+        match down_for {
+            Some(d) => body.push_str(&format!(
+                "shared storage {store}: down, serving the local tier only; next try in {}s\n",
+                d.as_secs() + 1
+            )),
+            None => body.push_str(&format!("shared storage {store}: up\n")),
         }
     }
     plain_text(status, Bytes::from(body))

@@ -14,7 +14,10 @@
 //! - [`handler`]: HTTP framing of one request: route, call the mirror, write headers.
 //! - [`mirror`]: the pull-through logic for manifests, tags, blobs and tag lists.
 //! - [`fetch`]: single-flight blob fills: one upstream download, many readers.
+//! - [`keyed_locks`]: single-flight for manifests: one fetch per reference at a time.
 //! - [`store`]: content-addressed files on disk with atomic commits.
+//! - [`shared`]: the tier replicas share in an S3-compatible object store.
+//! - [`cluster`]: replicas acting as one cache: rendezvous owners, peer streaming.
 //! - [`index`]: sizes and recency of cached files; LRU eviction decisions under the bound.
 //! - [`upstream`]: the registry client: auth challenges, token cache, retries, redirects.
 //! - [`range`]: `Range` header parsing.
@@ -30,12 +33,14 @@
 
 pub mod access;
 pub mod archive;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod fetch;
 pub mod handler;
 pub mod image_ref;
 pub mod index;
+pub mod keyed_locks;
 pub mod maintenance;
 pub mod manifest;
 pub mod metrics;
@@ -47,6 +52,7 @@ pub mod reference;
 pub mod routes;
 pub mod seed;
 pub mod server;
+pub mod shared;
 pub mod store;
 pub mod tls;
 pub mod upstream;

@@ -74,6 +74,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let options = serve_options(&config)?;
     let scheme = if options.tls.is_some() { "https" } else { "http" };
     let mirror = Mirror::open(config)?;
+    mirror.spawn_background();
     let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(cache_dir = %cache_dir.display(), upstreams = ?upstreams, "cache ready");

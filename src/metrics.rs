@@ -67,6 +67,12 @@ pub struct Metrics {
     pub cache_store_failures: IntCounter,
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
+    pub fills: IntCounterVec,
+    pub shared_requests: IntCounterVec,
+    pub shared_up: IntGauge,
+    pub shared_evictions: IntCounter,
+    pub shared_evicted_bytes: IntCounter,
+    pub replicas_live: IntGauge,
 }
 
 /// Registry round trips: a cached answer takes well under a millisecond, a cold layer minutes.
@@ -170,6 +176,33 @@ impl Metrics {
                 "Time to the response headers of client requests.",
                 &["route"],
             ),
+            fills: counter_vec(
+                "regmirror_fills_total",
+                "Blob downloads into this replica's cache, by where the bytes came from \
+                 (upstream, shared object store, or the replica that owns the blob).",
+                &["source"],
+            ),
+            shared_requests: counter_vec(
+                "regmirror_shared_requests_total",
+                "Requests to the shared object store, by operation and result (ok, not_found, error).",
+                &["op", "result"],
+            ),
+            shared_up: gauge(
+                "regmirror_shared_up",
+                "1 while the shared object store answers, 0 while it is marked down (the local tier still serves).",
+            ),
+            shared_evictions: counter(
+                "regmirror_shared_evictions_total",
+                "Objects this replica deleted from the shared tier to keep it under shared_max_size.",
+            ),
+            shared_evicted_bytes: counter(
+                "regmirror_shared_evicted_bytes_total",
+                "Bytes this replica deleted from the shared tier to keep it under shared_max_size.",
+            ),
+            replicas_live: gauge(
+                "regmirror_replicas_live",
+                "Replicas of the cluster this replica sees as up, itself included.",
+            ),
             registry,
         };
         metrics.pre_create_label_sets();
@@ -185,6 +218,9 @@ impl Metrics {
         }
         for source in ["cache", "upstream"] {
             self.bytes_served.with_label_values(&[source]);
+        }
+        for source in ["upstream", "shared", "peer"] {
+            self.fills.with_label_values(&[source]);
         }
     }
 

@@ -6,17 +6,26 @@
 //! trusted for `tag_ttl`; after that a `HEAD` (free on Docker Hub's pull limit) revalidates
 //! it. When the upstream is down or limits us, a cached tag is served stale rather than
 //! failing a pull that the cache can answer.
+//!
+//! With a shared tier (`[storage] backend = "s3"`), the local disk is the first tier and the
+//! object store the second: a manifest or tag record missing locally is looked up there
+//! before the upstream, and whatever comes from the upstream is written there too, so every
+//! replica benefits. A tag record keeps the time it was checked upstream wherever it is
+//! copied, so `tag_ttl` holds across replicas. Blobs go through the fills (see `fetch`).
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, StatusCode, header};
 
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::Error;
 use crate::fetch::{BlobHandle, Fills, Origin};
+use crate::keyed_locks::KeyedLocks;
 use crate::metrics::{Kind, Metrics, Source};
 use crate::reference::{Digest, Reference, RepoName, Tag};
+use crate::shared::{SharedError, SharedTier};
 use crate::store::{Store, StoredManifest, TagRecord, unix_now};
 use crate::upstream::{MANIFEST_ACCEPT, Upstream, UpstreamError, read_limited};
 
@@ -37,8 +46,14 @@ pub struct Mirror {
     upstreams: Vec<Arc<Upstream>>,
     fills: Fills,
     metrics: Arc<Metrics>,
+    /// The object store replicas share, if configured.
+    shared: Option<Arc<SharedTier>>,
+    /// The other replicas, if configured.
+    cluster: Option<Arc<Cluster>>,
     /// Manifests the upstream said do not exist, remembered for `negative_ttl`.
     unknown_manifests: moka::sync::Cache<(String, RepoName, String), ()>,
+    /// One manifest fetch per (upstream, repository, reference) at a time.
+    manifest_fetches: KeyedLocks<(String, RepoName, String)>,
     /// Referrers answers, trusted for `tag_ttl` like tags.
     referrers: moka::sync::Cache<(String, RepoName, Digest, Option<String>), JsonAnswer>,
 }
@@ -53,6 +68,9 @@ pub struct Manifest {
     pub bytes: Bytes,
     /// Whether it came from the cache (or was just fetched from the upstream).
     pub source: Source,
+    /// For an answer by tag: when the tag was last confirmed upstream (Unix seconds), which
+    /// a replica passes on to the replica that forwarded the request.
+    pub checked_at: Option<u64>,
 }
 
 /// A small JSON answer passed through from the upstream (tag lists, referrers).
@@ -73,6 +91,10 @@ pub enum StartError {
     Store { path: String, source: std::io::Error },
     #[error("cannot build the HTTP client for upstream {name}: {source}")]
     Client { name: String, source: crate::upstream::ClientError },
+    #[error("cannot set up shared storage: {0}")]
+    Shared(#[from] SharedError),
+    #[error("cannot build the HTTP client for the other replicas: {0}")]
+    Cluster(reqwest::Error),
 }
 
 impl Mirror {
@@ -104,7 +126,15 @@ impl Mirror {
             })
             .collect::<Result<Vec<_>, _>>()?;
         metrics.cache_max_size_bytes.set(config.max_cache_size.min(i64::MAX as u64) as i64);
-        let fills = Fills::new(store.clone(), metrics.clone());
+        let cluster = match &config.cluster {
+            Some(c) => Some(Arc::new(Cluster::new(c, metrics.clone()).map_err(StartError::Cluster)?)),
+            None => None,
+        };
+        let shared = match &config.storage {
+            Some(s3) => Some(Arc::new(SharedTier::open(s3, &replica_id(&config), metrics.clone())?)),
+            None => None,
+        };
+        let fills = Fills::new(store.clone(), metrics.clone(), shared.clone(), cluster.clone());
         let unknown_manifests = moka::sync::Cache::builder()
             .max_capacity(ANSWER_CACHE_ENTRIES)
             .time_to_live(config.negative_ttl.max(std::time::Duration::from_millis(1)))
@@ -113,7 +143,52 @@ impl Mirror {
             .max_capacity(ANSWER_CACHE_ENTRIES)
             .time_to_live(config.tag_ttl.max(std::time::Duration::from_millis(1)))
             .build();
-        Ok(Arc::new(Mirror { config, store, upstreams, fills, metrics, unknown_manifests, referrers }))
+        let manifest_fetches = KeyedLocks::new();
+        Ok(Arc::new(Mirror {
+            config,
+            store,
+            upstreams,
+            fills,
+            metrics,
+            shared,
+            cluster,
+            unknown_manifests,
+            manifest_fetches,
+            referrers,
+        }))
+    }
+
+    /// Starts what a serving replica runs in the background: membership and peer probes,
+    /// and the shared tier's access records and size bound. Needs a Tokio runtime.
+    pub fn spawn_background(self: &Arc<Self>) {
+        if let Some(cluster) = &self.cluster {
+            tokio::spawn(cluster.clone().run());
+        }
+        if let (Some(shared), Some(s3)) = (&self.shared, &self.config.storage) {
+            let (shared, cluster, interval) = (shared.clone(), self.cluster.clone(), s3.maintenance_interval);
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(interval);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                ticks.tick().await;
+                loop {
+                    ticks.tick().await;
+                    if let Err(error) = shared.flush_accesses().await {
+                        tracing::warn!(%error, "could not write this replica's access record");
+                        continue;
+                    }
+                    if cluster.as_ref().is_none_or(|c| c.keeps_shared_bound())
+                        && let Err(error) = shared.enforce_bound().await
+                    {
+                        tracing::warn!(%error, "could not trim shared storage to its bound");
+                    }
+                }
+            });
+        }
+    }
+
+    /// The shared tier, if any, and while it is marked down, how long until it is tried again.
+    pub fn shared_health(&self) -> Option<(&str, Option<std::time::Duration>)> {
+        self.shared.as_ref().map(|s| (s.description(), s.down_for()))
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -171,13 +246,15 @@ impl Mirror {
         }
     }
 
-    /// A manifest by tag or digest. `accept` is the client's Accept header.
+    /// A manifest by tag or digest. `accept` is the client's Accept header; `forwarded`:
+    /// another replica asks, so this one answers without forwarding again.
     pub async fn manifest(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         reference: &Reference,
         accept: Option<&str>,
+        forwarded: bool,
     ) -> Result<Manifest, Error> {
         let repo = self.cache_name(upstream, repo);
         let negative_key = (upstream.name().to_owned(), repo.clone(), reference.to_string());
@@ -185,8 +262,8 @@ impl Mirror {
             return Err(Error::ManifestUnknown { upstream: upstream.name().to_owned() });
         }
         let answer = match reference {
-            Reference::Digest(digest) => self.manifest_by_digest(upstream, &repo, digest, accept).await,
-            Reference::Tag(tag) => self.manifest_by_tag(upstream, &repo, tag, accept).await,
+            Reference::Digest(digest) => self.manifest_by_digest(upstream, &repo, digest, accept, forwarded).await,
+            Reference::Tag(tag) => self.manifest_by_tag(upstream, &repo, tag, accept, forwarded).await,
         };
         if let Err(Error::Upstream { error: UpstreamError::Status { status: StatusCode::NOT_FOUND, .. }, .. }) = &answer
         {
@@ -201,18 +278,33 @@ impl Mirror {
         repo: &RepoName,
         digest: &Digest,
         accept: Option<&str>,
+        forwarded: bool,
     ) -> Result<Manifest, Error> {
-        if let Some(stored) = self.store.manifest(digest).await? {
+        let cached = |stored: StoredManifest| Manifest {
+            digest: *digest,
+            media_type: stored.media_type,
+            bytes: stored.bytes,
+            source: Source::Cache,
+            checked_at: None,
+        };
+        if let Some(stored) = self.cached_manifest(digest).await? {
             self.metrics.hit(Kind::Manifest);
-            return Ok(Manifest {
-                digest: *digest,
-                media_type: stored.media_type,
-                bytes: stored.bytes,
-                source: Source::Cache,
-            });
+            return Ok(cached(stored));
+        }
+        let _fetching =
+            self.manifest_fetches.lock((upstream.name().to_owned(), repo.clone(), digest.to_string())).await;
+        if let Some(stored) = self.cached_manifest(digest).await? {
+            self.metrics.hit(Kind::Manifest);
+            return Ok(cached(stored));
         }
         self.metrics.miss(Kind::Manifest);
         let accept = accept.filter(|a| !a.trim().is_empty()).unwrap_or(MANIFEST_ACCEPT);
+        if !forwarded
+            && let Some(manifest) =
+                self.manifest_from_owner(upstream, repo, &digest.to_string(), accept, Some(digest)).await
+        {
+            return Ok(manifest);
+        }
         let manifest = self.fetch_manifest(upstream, repo, &digest.to_string(), accept, Some(digest)).await?;
         Ok(manifest)
     }
@@ -223,37 +315,76 @@ impl Mirror {
         repo: &RepoName,
         tag: &Tag,
         accept: Option<&str>,
+        forwarded: bool,
     ) -> Result<Manifest, Error> {
-        let cached = self.cached_tag(upstream, repo, tag, accept).await?;
-        if let Some((record, stored)) = &cached {
-            let age = unix_now().saturating_sub(record.checked_at);
-            let ttl = upstream.config().tag_ttl.unwrap_or(self.config.tag_ttl);
-            if age < ttl.as_secs() || self.revalidate(upstream, repo, tag, record).await {
-                self.metrics.hit(Kind::Manifest);
-                return Ok(Manifest {
-                    digest: record.digest,
-                    media_type: stored.media_type.clone(),
-                    bytes: stored.bytes.clone(),
-                    source: Source::Cache,
-                });
-            }
+        let ttl = upstream.config().tag_ttl.unwrap_or(self.config.tag_ttl);
+        let mut cached = self.cached_tag(upstream, repo, tag, accept, ttl).await?;
+        let from_cache = |record: &TagRecord, stored: &StoredManifest| Manifest {
+            digest: record.digest,
+            media_type: stored.media_type.clone(),
+            bytes: stored.bytes.clone(),
+            source: Source::Cache,
+            checked_at: Some(record.checked_at),
+        };
+        if let Some((record, stored)) = &cached
+            && unix_now().saturating_sub(record.checked_at) < ttl.as_secs()
+        {
+            self.metrics.hit(Kind::Manifest);
+            return Ok(from_cache(record, stored));
         }
-        self.metrics.miss(Kind::Manifest);
         // Ask with our full list when the client takes all of it, so the answer can be cached
         // for every client; otherwise with the client's own list, uncached as a tag.
         let full = accepts_all(accept);
         let ask = if full { MANIFEST_ACCEPT } else { accept.unwrap_or(MANIFEST_ACCEPT) };
+        // One refresh per tag at a time: those who waited find the tag fresh.
+        let _fetching = match full {
+            true => Some(self.manifest_fetches.lock((upstream.name().to_owned(), repo.clone(), tag.to_string())).await),
+            false => None,
+        };
+        if _fetching.is_some() {
+            cached = self.cached_tag(upstream, repo, tag, accept, ttl).await?;
+            if let Some((record, stored)) = &cached
+                && unix_now().saturating_sub(record.checked_at) < ttl.as_secs()
+            {
+                self.metrics.hit(Kind::Manifest);
+                return Ok(from_cache(record, stored));
+            }
+        }
+        // In a cluster, the tag's owner replica checks it upstream for everyone.
+        if full
+            && !forwarded
+            && let Some(manifest) = self.manifest_from_owner(upstream, repo, tag.as_str(), ask, None).await
+        {
+            let record = TagRecord {
+                digest: manifest.digest,
+                media_type: manifest.media_type.clone(),
+                checked_at: manifest.checked_at.unwrap_or_else(unix_now),
+            };
+            if let Err(error) = self.store.put_tag(upstream.name(), repo, tag, &record).await {
+                self.cannot_store(&error);
+            }
+            return Ok(manifest);
+        }
+        if let Some((record, stored)) = &cached
+            && self.revalidate(upstream, repo, tag, record).await
+        {
+            self.metrics.hit(Kind::Manifest);
+            return Ok(from_cache(record, stored));
+        }
+        self.metrics.miss(Kind::Manifest);
         match self.fetch_manifest(upstream, repo, tag.as_str(), ask, None).await {
-            Ok(manifest) => {
+            Ok(mut manifest) => {
                 if full {
                     let record = TagRecord {
                         digest: manifest.digest,
                         media_type: manifest.media_type.clone(),
                         checked_at: unix_now(),
                     };
+                    manifest.checked_at = Some(record.checked_at);
                     if let Err(error) = self.store.put_tag(upstream.name(), repo, tag, &record).await {
                         self.cannot_store(&error);
                     }
+                    self.share_tag(upstream, repo, tag, &record);
                     self.refresh_pins(upstream, repo).await;
                 }
                 Ok(manifest)
@@ -262,12 +393,7 @@ impl Mirror {
                 Some((record, stored)) => {
                     tracing::warn!(repo = %repo, tag = %tag, %error, "upstream unavailable: serving cached tag stale");
                     self.metrics.hit(Kind::Manifest);
-                    Ok(Manifest {
-                        digest: record.digest,
-                        media_type: stored.media_type,
-                        bytes: stored.bytes,
-                        source: Source::Cache,
-                    })
+                    Ok(from_cache(&record, &stored))
                 }
                 None => Err(error),
             },
@@ -276,18 +402,86 @@ impl Mirror {
     }
 
     /// The cached tag record and its manifest, if both exist and the client accepts its type.
+    /// A record older than `ttl` is compared with the shared tier's, which another replica
+    /// may have checked more recently.
     async fn cached_tag(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         tag: &Tag,
         accept: Option<&str>,
+        ttl: std::time::Duration,
     ) -> Result<Option<(TagRecord, StoredManifest)>, Error> {
-        let Some(record) = self.store.tag(upstream.name(), repo, tag).await? else { return Ok(None) };
+        let mut record = self.store.tag(upstream.name(), repo, tag).await?;
+        let fresh = |r: &TagRecord| unix_now().saturating_sub(r.checked_at) < ttl.as_secs();
+        if !record.as_ref().is_some_and(fresh)
+            && let Some(shared) = self.shared_tag(upstream, repo, tag).await
+            && record.as_ref().is_none_or(|local| shared.checked_at > local.checked_at)
+        {
+            if let Err(error) = self.store.put_tag(upstream.name(), repo, tag, &shared).await {
+                self.cannot_store(&error);
+            }
+            record = Some(shared);
+        }
+        let Some(record) = record else { return Ok(None) };
         if !accepts(accept, &record.media_type) {
             return Ok(None);
         }
-        Ok(self.store.manifest(&record.digest).await?.map(|m| (record, m)))
+        Ok(self.cached_manifest(&record.digest).await?.map(|m| (record, m)))
+    }
+
+    /// A manifest from the local tier, else from the shared tier (copied to the local one).
+    async fn cached_manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, Error> {
+        if let Some(stored) = self.store.manifest(digest).await? {
+            return Ok(Some(stored));
+        }
+        let Some(shared) = &self.shared else { return Ok(None) };
+        let stored = match shared.manifest(digest).await {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::debug!(%error, "shared manifest lookup failed");
+                None
+            }
+        };
+        if let Some(stored) = &stored
+            && let Err(error) = self.store.put_manifest(digest, stored).await
+        {
+            self.cannot_store(&error);
+        }
+        Ok(stored)
+    }
+
+    async fn shared_tag(&self, upstream: &Upstream, repo: &RepoName, tag: &Tag) -> Option<TagRecord> {
+        let shared = self.shared.as_ref()?;
+        match shared.tag(upstream.name(), repo, tag).await {
+            Ok(record) => record,
+            Err(error) => {
+                tracing::debug!(%error, "shared tag lookup failed");
+                None
+            }
+        }
+    }
+
+    /// Writes a tag record to the shared tier, in the background: the client does not wait.
+    fn share_tag(&self, upstream: &Upstream, repo: &RepoName, tag: &Tag, record: &TagRecord) {
+        let Some(shared) = self.shared.clone() else { return };
+        let (name, repo, tag, record) = (upstream.name().to_owned(), repo.clone(), tag.clone(), record.clone());
+        tokio::spawn(async move {
+            if let Err(error) = shared.put_tag(&name, &repo, &tag, &record).await {
+                tracing::warn!(%error, "could not write a tag record to shared storage");
+            }
+        });
+    }
+
+    /// Writes a manifest to the shared tier, in the background.
+    fn share_manifest(&self, digest: &Digest, stored: &StoredManifest) {
+        let Some(shared) = self.shared.clone() else { return };
+        let (digest, stored) = (*digest, stored.clone());
+        tokio::spawn(async move {
+            if let Err(error) = shared.put_manifest(&digest, &stored).await {
+                tracing::warn!(%error, "could not write a manifest to shared storage");
+            }
+        });
     }
 
     /// Asks the upstream (HEAD) whether `tag` still points at the cached digest. True when it
@@ -320,6 +514,7 @@ impl Mirror {
         if let Err(error) = self.store.put_tag(upstream.name(), repo, tag, &refreshed).await {
             tracing::warn!(%error, "could not refresh a tag record");
         }
+        self.share_tag(upstream, repo, tag, &refreshed);
         true
     }
 
@@ -361,19 +556,71 @@ impl Mirror {
         if let Err(error) = self.store.put_manifest(&digest, &stored).await {
             self.cannot_store(&error);
         }
+        self.share_manifest(&digest, &stored);
         self.refresh_pins(upstream, repo).await;
-        Ok(Manifest { digest, media_type: stored.media_type, bytes: stored.bytes, source: Source::Upstream })
+        Ok(Manifest {
+            digest,
+            media_type: stored.media_type,
+            bytes: stored.bytes,
+            source: Source::Upstream,
+            checked_at: None,
+        })
     }
 
-    /// A blob: from the cache, or streamed from a (shared) fill.
+    /// Asks the replica that owns this manifest reference, when that is another one (see
+    /// `cluster`): it answers from its cache or asks the upstream once for the whole cluster.
+    /// `None` when there is no such replica or its answer is unusable; the caller then asks
+    /// the upstream itself. The answer is verified like an upstream's and cached locally
+    /// (the owner already shared it).
+    async fn manifest_from_owner(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        reference: &str,
+        accept: &str,
+        expected: Option<&Digest>,
+    ) -> Option<Manifest> {
+        let cluster = self.cluster.as_ref()?;
+        let owner = cluster.owner(format!("{}/{repo}:{reference}", upstream.name()).as_bytes())?;
+        let response = match cluster.manifest(&owner, upstream.name(), repo, reference, accept).await {
+            Ok(response) if response.status() == StatusCode::OK => response,
+            Ok(response) => {
+                tracing::debug!(replica = %owner, status = %response.status(), "owner replica could not answer a manifest");
+                return None;
+            }
+            Err(error) => {
+                tracing::warn!(replica = %owner, %error, "owner replica unreachable: asking the upstream");
+                return None;
+            }
+        };
+        let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let (content_type, announced) = (header("content-type"), header("docker-content-digest"));
+        let checked_at = header(crate::cluster::CHECKED_AT_HEADER).and_then(|v| v.parse().ok());
+        let bytes = read_limited(response, MAX_MANIFEST_SIZE).await.ok()?;
+        let digest = Digest::of(&bytes);
+        if expected.is_some_and(|e| *e != digest) || announced.is_some_and(|a| a != digest.to_string()) {
+            tracing::error!(replica = %owner, repo = %repo, reference, "owner replica sent a manifest that does not match its digest");
+            return None;
+        }
+        let media_type = manifest_media_type(content_type.as_deref(), &bytes)?;
+        let stored = StoredManifest { bytes, media_type };
+        if let Err(error) = self.store.put_manifest(&digest, &stored).await {
+            self.cannot_store(&error);
+        }
+        Some(Manifest { digest, media_type: stored.media_type, bytes: stored.bytes, source: Source::Cache, checked_at })
+    }
+
+    /// A blob: from the cache, or streamed from a (shared) fill. `forwarded`: another
+    /// replica asks (see `cluster`), so this one fills it without forwarding again.
     pub async fn blob(
         &self,
         upstream: &Arc<Upstream>,
         repo: &RepoName,
         digest: &Digest,
+        forwarded: bool,
     ) -> Result<(BlobHandle, Origin), Error> {
         let repo = self.cache_name(upstream, repo);
-        let (handle, origin) = self.fills.open(upstream, &repo, digest).await.map_err(Error::Fill)?;
+        let (handle, origin) = self.fills.open(upstream, &repo, digest, forwarded).await.map_err(Error::Fill)?;
         match origin {
             Origin::Cache => self.metrics.hit(Kind::Blob),
             Origin::Fill => self.metrics.miss(Kind::Blob),
@@ -387,6 +634,11 @@ impl Mirror {
             return Ok(blob.size);
         }
         if let Some(size) = self.fills.inflight_size(digest) {
+            return Ok(size);
+        }
+        if let Some(shared) = &self.shared
+            && let Ok(Some(size)) = shared.blob_size(digest).await
+        {
             return Ok(size);
         }
         let repo = self.cache_name(upstream, repo);
@@ -479,7 +731,7 @@ impl Mirror {
         artifact_type: Option<&str>,
     ) -> Result<JsonAnswer, Error> {
         let tag = Tag::parse(&format!("sha256-{}", digest.hex()))?;
-        let index = match self.manifest(upstream, repo, &Reference::Tag(tag), Some(MANIFEST_TYPES[0])).await {
+        let index = match self.manifest(upstream, repo, &Reference::Tag(tag), Some(MANIFEST_TYPES[0]), false).await {
             Ok(manifest) => serde_json::from_slice::<serde_json::Value>(&manifest.bytes).ok(),
             Err(Error::ManifestUnknown { .. }) => None,
             Err(Error::Upstream { error: UpstreamError::Status { status: StatusCode::NOT_FOUND, .. }, .. }) => None,
@@ -608,6 +860,19 @@ fn manifest_media_type(content_type: Option<&str>, bytes: &[u8]) -> Option<Strin
         return Some(field.to_owned());
     }
     Some(if object.contains_key("manifests") { MANIFEST_TYPES[0] } else { MANIFEST_TYPES[2] }.to_owned())
+}
+
+/// Names this replica's access record in the shared tier: its cluster address, else its
+/// host and cache directory. Hashed: the record's name need not reveal either.
+fn replica_id(config: &Config) -> String {
+    let identity = match &config.cluster {
+        Some(cluster) => cluster.advertise.to_string(),
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}:{}", host.trim(), config.cache_dir.display())
+        }
+    };
+    Digest::of(identity.as_bytes()).hex()[..16].to_owned()
 }
 
 #[cfg(test)]

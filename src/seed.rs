@@ -260,8 +260,10 @@ async fn seed_one(
 ) -> Result<Seeded, SeedError> {
     let upstream =
         mirror.upstream(Some(&image.registry)).map_err(|_| SeedError::UnknownUpstream(image.registry.clone()))?.clone();
-    let top =
-        mirror.manifest(&upstream, &image.repository, &image.reference(), None).await.map_err(SeedError::Resolve)?;
+    let top = mirror
+        .manifest(&upstream, &image.repository, &image.reference(), None, false)
+        .await
+        .map_err(SeedError::Resolve)?;
     let plan = plan(mirror, &upstream, image, top.digest, &top.bytes, &options.platforms).await?;
 
     let total = plan.blobs.values().sum();
@@ -336,7 +338,7 @@ async fn plan(
                 plan.platforms.push(platform.to_string());
             }
             let manifest = mirror
-                .manifest(upstream, &image.repository, &Reference::Digest(child_digest), None)
+                .manifest(upstream, &image.repository, &Reference::Digest(child_digest), None, false)
                 .await
                 .map_err(|source| SeedError::Manifest { digest: child_digest, source })?;
             pending.push((child_digest, manifest.bytes.to_vec()));
@@ -388,8 +390,10 @@ async fn fetch_blob(
     bar: &ProgressBar,
 ) -> Result<u64, SeedError> {
     let _permit = downloads.acquire().await.map_err(std::io::Error::other)?;
-    let (handle, origin) =
-        mirror.blob(upstream, &image.repository, &digest).await.map_err(|source| SeedError::Blob { digest, source })?;
+    let (handle, origin) = mirror
+        .blob(upstream, &image.repository, &digest, false)
+        .await
+        .map_err(|source| SeedError::Blob { digest, source })?;
     if origin == Origin::Cache {
         bar.inc(size);
         return Ok(0);

@@ -2,7 +2,8 @@
 //! 5xx) it is marked down for a backoff period that doubles while it stays down. Meanwhile
 //! requests fail at once instead of each waiting for a timeout, so cached tags and digests
 //! are served stale without delay. When the period ends, the next request is the probe: a
-//! success brings the upstream back.
+//! success brings the upstream back. The same tracker watches the shared object store and
+//! the other replicas of a cluster.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -14,10 +15,16 @@ const FAILURES_TO_DOWN: u32 = 3;
 const FIRST_BACKOFF: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(120);
 
-#[derive(Default)]
 pub struct Health {
     /// A std Mutex: nothing awaits while it is held.
     state: Mutex<State>,
+    failures_to_down: u32,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health::with_threshold(FAILURES_TO_DOWN)
+    }
 }
 
 #[derive(Default)]
@@ -28,6 +35,11 @@ struct State {
 }
 
 impl Health {
+    /// Marks down after `failures` consecutive failures (at least one).
+    pub fn with_threshold(failures: u32) -> Self {
+        Health { state: Mutex::default(), failures_to_down: failures.max(1) }
+    }
+
     /// `Some(remaining)` while the upstream is marked down.
     pub fn down_for(&self) -> Option<Duration> {
         let state = self.state.lock().expect("health poisoned");
@@ -45,14 +57,14 @@ impl Health {
             return false;
         }
         state.consecutive_failures += 1;
-        if state.consecutive_failures < FAILURES_TO_DOWN {
+        if state.consecutive_failures < self.failures_to_down {
             return false;
         }
         let backoff = state.backoff.map_or(FIRST_BACKOFF, |b| (b * 2).min(MAX_BACKOFF));
         state.backoff = Some(backoff);
         state.down_until = Some(Instant::now() + backoff);
         // The probe after this period gets one chance before the next, longer, period.
-        state.consecutive_failures = FAILURES_TO_DOWN - 1;
+        state.consecutive_failures = self.failures_to_down - 1;
         true
     }
 }

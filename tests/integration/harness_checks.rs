@@ -4,15 +4,19 @@
 //! These pass whatever state the mirror is in. They show that the fixtures
 //! are what the other tests assume, that every client's pull really fetches
 //! every blob (so "zero upstream blob GETs" on a warm pull through the
-//! mirror means something), that the access-log counts are exact, and that
-//! the token issuer enforces its policy.
+//! mirror means something), that the access-log counts are exact, that
+//! the token issuer enforces its policy, and that the Garage cluster is one
+//! store that survives losing a node.
 
 use anyhow::{Context, Result, ensure};
+use object_store::ObjectStoreExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
 
 use crate::harness::clients::PullClient;
 use crate::harness::clients::containerd::Ctr;
 use crate::harness::clients::podman::Podman;
 use crate::harness::clients::skopeo::Skopeo;
+use crate::harness::garage::{Bucket, GarageCluster};
 use crate::harness::http;
 use crate::harness::images::{ARCHITECTURE, Fixture};
 use crate::harness::process::{self, run_unchecked};
@@ -130,4 +134,63 @@ fn token_issuer_grants_pull_to_anyone_and_everything_to_its_user() -> Result<()>
     ensure!(authenticated.concerns(&private.repository) && authenticated.status == 200);
     ensure!(requests.iter().any(|request| request.status == 401));
     Ok(())
+}
+
+/// An object put through node 0 of the shared Garage cluster reads back
+/// through node 2: the nodes share one store, as mirror replicas will.
+#[test]
+fn garage_nodes_serve_one_store() -> Result<()> {
+    let cluster = GarageCluster::shared();
+    let bucket = cluster.create_bucket("check-one-store")?;
+    let location = object_store::path::Path::from("check/one-store");
+    let body = b"put through node 0, read through node 2".to_vec();
+    runtime()?.block_on(async {
+        s3_client(cluster, 0, &bucket)?.put(&location, body.clone().into()).await?;
+        let read = s3_client(cluster, 2, &bucket)?.get(&location).await?.bytes().await?;
+        ensure!(read == body, "node 2 returned {read:?}");
+        Ok(())
+    })
+}
+
+/// With one of three nodes killed, puts and gets still succeed through the
+/// others (replication factor 3, write quorum 2), and the node rejoins with
+/// its data.
+#[test]
+fn garage_survives_one_node_down() -> Result<()> {
+    let cluster = GarageCluster::start(3)?;
+    let bucket = cluster.create_bucket("check-node-down")?;
+    let (before, during) = (object_store::path::Path::from("before"), object_store::path::Path::from("during"));
+    let runtime = runtime()?;
+    runtime.block_on(s3_client(&cluster, 1, &bucket)?.put(&before, "written by three".into()))?;
+    cluster.stop_node(1)?;
+    runtime.block_on(async {
+        s3_client(&cluster, 0, &bucket)?.put(&during, "written by two".into()).await?;
+        let read = s3_client(&cluster, 2, &bucket)?.get(&during).await?.bytes().await?;
+        ensure!(read.as_ref() == b"written by two", "node 2 returned {read:?}");
+        let read = s3_client(&cluster, 2, &bucket)?.get(&before).await?.bytes().await?;
+        ensure!(read.as_ref() == b"written by three", "node 2 returned {read:?}");
+        Ok(())
+    })?;
+    cluster.start_node(1)?;
+    let read =
+        runtime.block_on(async { anyhow::Ok(s3_client(&cluster, 1, &bucket)?.get(&during).await?.bytes().await?) })?;
+    ensure!(read.as_ref() == b"written by two", "the restarted node returned {read:?}");
+    Ok(())
+}
+
+/// An S3 client for `bucket` through node `node`'s endpoint, path-style.
+fn s3_client(cluster: &GarageCluster, node: usize, bucket: &Bucket) -> Result<AmazonS3> {
+    Ok(AmazonS3Builder::new()
+        .with_endpoint(cluster.endpoint(node))
+        .with_bucket_name(&bucket.name)
+        .with_region(cluster.region())
+        .with_access_key_id(&bucket.access_key_id)
+        .with_secret_access_key(&bucket.secret_access_key)
+        .with_allow_http(true)
+        .with_virtual_hosted_style_request(false)
+        .build()?)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }

@@ -8,6 +8,7 @@
 //! - `auth`: a token-auth upstream behind the mirror.
 //! - `faults`: what only a hand-written upstream can do (wrong bytes, cut
 //!   downloads, 429s, a full disk) against an in-process mirror.
+//! - `replicas`: several mirrors sharing a real Garage cluster as one cache.
 //! - `harness_checks`: the harness against the registries directly, with no
 //!   mirror involved, so that failures in the other modules can be blamed on
 //!   the mirror.
@@ -23,6 +24,7 @@ mod faults;
 mod harness;
 mod harness_checks;
 mod observability;
+mod replicas;
 mod security;
 mod single_flight;
 mod upstreams;

@@ -247,6 +247,7 @@ fn containerd_pulls_from_two_real_registries_through_one_mirror() -> anyhow::Res
         url: token.registry.upstream.url(),
         username: None,
         password: None,
+        settings: Vec::new(),
     });
     let mirror = Mirror::start(config)?;
 

@@ -79,6 +79,8 @@ impl TestMirror {
                     upstream
                 })
                 .collect(),
+            storage: None,
+            cluster: None,
         }
     }
 

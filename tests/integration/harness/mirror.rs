@@ -35,6 +35,8 @@ pub struct UpstreamConfig {
     pub url: String,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// Further settings of this upstream (`max_bandwidth`, ...), written as given.
+    pub settings: Vec<(String, toml::Value)>,
 }
 
 /// The mirror's TOML config.
@@ -46,6 +48,8 @@ pub struct MirrorConfig {
     /// Further top-level settings (TLS, access control, ...), written as given.
     pub settings: Vec<(String, toml::Value)>,
     pub upstreams: Vec<UpstreamConfig>,
+    /// Extra environment variables of the mirror process (`REGMIRROR_LISTEN`, S3 keys...).
+    pub env: Vec<(String, String)>,
 }
 
 impl MirrorConfig {
@@ -60,13 +64,21 @@ impl MirrorConfig {
                 url: url.into(),
                 username: None,
                 password: None,
+                settings: Vec::new(),
             }],
+            env: Vec::new(),
         }
     }
 
     /// Adds a top-level setting, e.g. `("tls_cert", "/path".into())`.
     pub fn with_setting(mut self, key: &str, value: impl Into<toml::Value>) -> MirrorConfig {
         self.settings.push((key.into(), value.into()));
+        self
+    }
+
+    /// Sets an environment variable of the mirror process.
+    pub fn with_env(mut self, key: &str, value: &str) -> MirrorConfig {
+        self.env.push((key.into(), value.into()));
         self
     }
 
@@ -102,6 +114,9 @@ impl MirrorConfig {
                 }
                 None => {}
             }
+            for (key, value) in &upstream.settings {
+                table.insert(key.clone(), value.clone());
+            }
             Ok(toml::Value::Table(table))
         });
         let mut root = toml::Table::new();
@@ -117,10 +132,11 @@ impl MirrorConfig {
     }
 
     fn environment(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.upstreams.iter().filter_map(|upstream| match &upstream.password {
+        let secrets = self.upstreams.iter().filter_map(|upstream| match &upstream.password {
             Some(Secret::Env { variable, value }) => Some((variable.as_str(), value.as_str())),
             _ => None,
-        })
+        });
+        secrets.chain(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
     }
 }
 

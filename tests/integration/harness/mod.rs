@@ -8,6 +8,8 @@
 //! - [`mirror`]: a mirror process per test, with its own cache dir and log;
 //!   [`metrics`] reads its counters.
 //! - [`clients`]: skopeo, ctr, docker and podman pulling through a mirror.
+//! - [`garage`]: a real Garage cluster (S3-compatible object store), the
+//!   shared storage tier of mirror replicas; one per binary or per test.
 //! - [`fake_upstream`], [`in_process`]: a scriptable upstream for faults the real
 //!   registry cannot produce, and a mirror served in-process in front of it.
 //! - [`process`], [`wait`], [`workdir`], [`http`]: plumbing that keeps
@@ -16,6 +18,7 @@
 
 pub mod clients;
 pub mod fake_upstream;
+pub mod garage;
 pub mod http;
 pub mod images;
 pub mod in_process;

@@ -10,6 +10,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod cluster;
+
+pub use cluster::{ClusterConfig, S3Config};
+
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use url::Url;
@@ -167,6 +171,8 @@ struct FileConfig {
     pinned: Vec<String>,
     #[serde(default)]
     upstreams: Vec<FileUpstream>,
+    storage: Option<cluster::FileStorage>,
+    cluster: Option<cluster::FileCluster>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -220,6 +226,10 @@ pub struct Config {
     pub pinned: Vec<crate::image_ref::ImageRef>,
     /// Never empty; the first is the default for requests that name none.
     pub upstreams: Vec<UpstreamConfig>,
+    /// The object store replicas share (`[storage] backend = "s3"`); `None`: local disk only.
+    pub storage: Option<S3Config>,
+    /// The replicas acting as one cache; `None`: a single mirror.
+    pub cluster: Option<ClusterConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -273,12 +283,7 @@ pub enum PasswordSource {
 
 impl Credentials {
     pub fn password(&self) -> std::io::Result<String> {
-        match &self.password {
-            PasswordSource::Env(var) => std::env::var(var).map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::NotFound, format!("environment variable {var} is not set"))
-            }),
-            PasswordSource::File(path) => Ok(std::fs::read_to_string(path)?.trim_end_matches(['\r', '\n']).to_owned()),
-        }
+        self.password.read()
     }
 }
 
@@ -401,6 +406,8 @@ impl Config {
             .iter()
             .map(|image| crate::image_ref::ImageRef::parse(image, &upstreams[0].name).map_err(|e| invalid("pinned", e)))
             .collect::<Result<Vec<_>, _>>()?;
+        let storage = cluster::storage(file.storage, env)?;
+        let cluster = cluster::cluster(file.cluster, env)?;
         Ok(Config {
             listen,
             cache_dir,
@@ -414,6 +421,8 @@ impl Config {
             max_connections,
             pinned,
             upstreams,
+            storage,
+            cluster,
         })
     }
 }

@@ -23,8 +23,11 @@
 //! and verified, and nothing is committed. `regmirror_cache_store_failures_total` and a log
 //! line say so.
 //!
-//! A cut upstream connection is resumed with a Range request from the last byte written,
-//! still hashing the whole blob, a bounded number of times.
+//! A fill reads from the first [`source`] that has the blob: the shared tier, the replica
+//! that owns it, or the upstream. A cut connection is resumed with a Range request from the
+//! last byte written, from the same source or, if it is gone, the next one, still hashing
+//! the whole blob, a bounded number of times. A blob that came from the upstream is then
+//! uploaded to the shared tier, once verified and committed.
 //!
 //! A reader of a running fill never gets the last byte of its response before the digest
 //! matched: that byte is what turns a transfer into a complete one, so it waits for `Done`.
@@ -33,6 +36,8 @@
 //! offset and waits for the fill to get there. One download serves everyone, and the whole
 //! blob is verified and cached; the cost is that a ranged answer completes only when the
 //! whole blob has arrived and matched its digest.
+
+mod source;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -49,8 +54,11 @@ use http::StatusCode;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
+use self::source::{ByteStream, Source};
+use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 use crate::reference::{Digest, RepoName};
+use crate::shared::SharedTier;
 use crate::store::Store;
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -65,6 +73,9 @@ pub enum FillError {
     WrongLength { upstream: String, announced: u64, received: u64 },
     #[error("the upstream download was cut and could not be resumed: {0}")]
     Cut(String),
+    /// The shared tier or a peer replica failed; the fill moves on to the next source.
+    #[error("{0}")]
+    Source(String),
     #[error("cache storage error: {0}")]
     Storage(#[from] io::Error),
     #[error("the fill stopped unexpectedly")]
@@ -104,6 +115,8 @@ enum FillState {
 pub struct Fills {
     store: Store,
     metrics: Arc<Metrics>,
+    shared: Option<Arc<SharedTier>>,
+    cluster: Option<Arc<Cluster>>,
     /// Shared with the fill tasks, which leave the map when they end. A std Mutex: held only
     /// to look up, insert or remove, never across an await.
     inflight: Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>,
@@ -232,28 +245,40 @@ pub enum Origin {
 }
 
 impl Fills {
-    pub fn new(store: Store, metrics: Arc<Metrics>) -> Self {
-        Fills { store, metrics, inflight: Arc::default() }
+    /// Fills from the upstream only (a single mirror), or also from the shared tier and the
+    /// owner replica of each blob (a cluster).
+    pub fn new(
+        store: Store,
+        metrics: Arc<Metrics>,
+        shared: Option<Arc<SharedTier>>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Self {
+        Fills { store, metrics, shared, cluster, inflight: Arc::default() }
     }
 
     /// The blob `digest`: opened from the store, or streamed from the (possibly new) fill.
-    /// Returns once the upstream's headers arrived, so upstream errors such as 404 become the
-    /// client's status instead of a broken body.
+    /// Returns once the source's headers arrived, so upstream errors such as 404 become the
+    /// client's status instead of a broken body. `forwarded`: another replica asks, so this
+    /// one must not forward the request in turn.
     pub async fn open(
         &self,
         upstream: &Arc<Upstream>,
         repo: &RepoName,
         digest: &Digest,
+        forwarded: bool,
     ) -> Result<(BlobHandle, Origin), Arc<FillError>> {
+        if let Some(shared) = &self.shared {
+            shared.touch_blob(digest);
+        }
         if let Some(blob) = self.store.open_blob(digest).await.map_err(|e| Arc::new(e.into()))? {
             let data = Arc::new(FillData::new(Some(blob.file)));
             let handle = BlobHandle { size: Some(blob.size), source: ReadSource::Complete(data) };
             return Ok((handle, Origin::Cache));
         }
-        let mut state = match self.join_or_start(upstream, repo, digest) {
+        let mut state = match self.join_or_start(upstream, repo, digest, forwarded) {
             Some(state) => state,
             // Committed between our two looks: read it from the store.
-            None => return Box::pin(self.open(upstream, repo, digest)).await,
+            None => return Box::pin(self.open(upstream, repo, digest, forwarded)).await,
         };
         let current = state
             .wait_for(|s| !matches!(s, FillState::Connecting))
@@ -287,6 +312,7 @@ impl Fills {
         upstream: &Arc<Upstream>,
         repo: &RepoName,
         digest: &Digest,
+        forwarded: bool,
     ) -> Option<watch::Receiver<FillState>> {
         let mut inflight = self.inflight.lock().expect("fills map poisoned");
         if let Some(state) = inflight.get(digest) {
@@ -300,6 +326,8 @@ impl Fills {
         drop(inflight);
 
         let fill = FillTask {
+            sources: self.sources(upstream, digest, forwarded),
+            shared: self.shared.clone(),
             upstream: upstream.clone(),
             repo: repo.clone(),
             digest: *digest,
@@ -314,10 +342,32 @@ impl Fills {
         });
         Some(rx)
     }
+
+    /// Where a fill for `digest` looks, in order; the upstream is always last.
+    fn sources(&self, upstream: &Arc<Upstream>, digest: &Digest, forwarded: bool) -> Vec<Source> {
+        let mut sources = Vec::with_capacity(3);
+        if let Some(shared) = self.shared.as_ref().filter(|s| s.down_for().is_none()) {
+            sources.push(Source::Shared(shared.clone()));
+        }
+        if let Some(cluster) = self.cluster.as_ref().filter(|_| !forwarded)
+            && let Some(owner) = cluster.blob_owner(digest)
+        {
+            sources.push(Source::Peer {
+                cluster: cluster.clone(),
+                replica: owner,
+                upstream: upstream.name().to_owned(),
+            });
+        }
+        sources.push(Source::Upstream(upstream.clone()));
+        sources
+    }
 }
 
-/// One download: upstream -> temp file + sha256 -> store.
+/// One download: source -> temp file + sha256 -> store (-> shared tier).
 struct FillTask {
+    /// Where to read from, in order (see [`Fills::sources`]).
+    sources: Vec<Source>,
+    shared: Option<Arc<SharedTier>>,
     upstream: Arc<Upstream>,
     repo: RepoName,
     digest: Digest,
@@ -344,9 +394,9 @@ impl FillTask {
     }
 
     async fn download(&self) -> Result<(), FillError> {
-        let _permit = self.upstream.fetch_permit().await;
-        let response = self.upstream.check(self.upstream.blob(&self.repo, &self.digest, 0).await?)?;
-        let size = response.content_length();
+        let mut permit = None;
+        let (mut current, opened) = self.open_from(0, 0, &mut permit).await?;
+        let size = opened.size;
 
         let (temp, reader) = match self.open_temp() {
             Ok((temp, reader)) => (Some(temp), Some(reader)),
@@ -361,7 +411,7 @@ impl FillTask {
         self.state.send_replace(FillState::Running { size, written: 0, data: data.clone() });
 
         let mut written = 0u64;
-        let mut body = response.bytes_stream().boxed();
+        let mut body = opened.body;
         let mut resumes = 0;
         loop {
             let batch = match next_batch(&mut body).await {
@@ -369,9 +419,14 @@ impl FillTask {
                 Ok(None) => break,
                 Err(error) if resumes < MAX_RESUMES => {
                     resumes += 1;
-                    tracing::info!(digest = %self.digest, written, %error, "upstream cut the download; resuming");
+                    let source = self.sources[current].label();
+                    tracing::info!(digest = %self.digest, written, source, %error, "download cut; resuming");
                     tokio::time::sleep(RESUME_BACKOFF * resumes).await;
-                    body = self.resume(written).await?.bytes_stream().boxed();
+                    let (next, opened) = self.open_from(current, written, &mut permit).await?;
+                    if opened.size.is_some() && size.is_some() && opened.size != size {
+                        return Err(self.wrong_length(size, opened.size.unwrap_or_default()));
+                    }
+                    (current, body) = (next, opened.body);
                     continue;
                 }
                 Err(error) => return Err(FillError::Cut(error.to_string())),
@@ -380,7 +435,10 @@ impl FillTask {
             if size.is_some_and(|size| written + len > size) {
                 return Err(self.wrong_length(size, written + len));
             }
-            self.upstream.throttle(len).await;
+            let from_upstream = self.sources[current].is_upstream();
+            if from_upstream {
+                self.upstream.throttle(len).await;
+            }
             if sink.file.is_none() {
                 // Spilling: the disk refused an earlier write, the rest stays in memory.
                 sink.hasher.update(&batch);
@@ -401,7 +459,9 @@ impl FillTask {
                 }
             }
             written += len;
-            self.upstream.count_bytes(len);
+            if from_upstream {
+                self.upstream.count_bytes(len);
+            }
             self.state.send_modify(|s| {
                 if let FillState::Running { written: w, .. } = s {
                     *w = written;
@@ -412,25 +472,80 @@ impl FillTask {
             return Err(self.wrong_length(size, written));
         }
         let actual = Digest::from_sha256(sink.hasher.finalize().into());
+        let source = &self.sources[current];
         if actual != self.digest {
-            return Err(FillError::DigestMismatch {
-                upstream: self.upstream.name().to_owned(),
-                expected: self.digest,
-                actual,
-            });
+            if let Source::Shared(shared) = source {
+                // Verifiably wrong: delete it, so the next fill goes on to the other sources.
+                shared.remove_blob(&self.digest).await;
+            }
+            let upstream = match source {
+                Source::Upstream(u) => u.name().to_owned(),
+                other => format!("{} ({} source)", self.upstream.name(), other.label()),
+            };
+            return Err(FillError::DigestMismatch { upstream, expected: self.digest, actual });
         }
+        self.metrics.fills.with_label_values(&[source.label()]).inc();
+        drop(permit);
         // Verified: readers may finish even if storing fails (they hold the data).
+        let mut committed = false;
         if let (Some(temp), true) = (temp, sink.file.is_some()) {
             let store = self.store.clone();
             let digest = self.digest;
             match tokio::task::spawn_blocking(move || store.commit_blob(temp, &digest)).await {
-                Ok(Ok(())) => tracing::info!(digest = %self.digest, size = written, "blob cached"),
+                Ok(Ok(())) => {
+                    committed = true;
+                    tracing::info!(digest = %self.digest, size = written, source = source.label(), "blob cached");
+                }
                 Ok(Err(error)) => self.cannot_store(&error),
                 Err(_) => return Err(FillError::Abandoned),
             }
         }
         self.state.send_replace(FillState::Done { size: written, data });
+        if committed && source.is_upstream() {
+            self.share(written).await;
+        }
         Ok(())
+    }
+
+    /// Opens the first source from `first` on that has the blob, at byte `offset`. A source
+    /// that fails is skipped (and logged); the upstream's answer is final.
+    async fn open_from(
+        &self,
+        first: usize,
+        offset: u64,
+        permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Result<(usize, source::Opened), FillError> {
+        for (index, source) in self.sources.iter().enumerate().skip(first) {
+            if source.is_upstream() && permit.is_none() {
+                *permit = Some(self.upstream.fetch_permit().await);
+            }
+            match source.open(&self.repo, &self.digest, offset).await {
+                Ok(Some(opened)) => return Ok((index, opened)),
+                Ok(None) => continue,
+                Err(error) if !source.is_upstream() => {
+                    tracing::warn!(digest = %self.digest, source = source.label(), %error, "blob source failed; trying the next");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        unreachable!("the upstream, always the last source, answers or fails")
+    }
+
+    /// Uploads the just-committed blob to the shared tier, so the other replicas never ask
+    /// the upstream for it. In its own task, after readers were told `Done`: it delays
+    /// nobody, and the fill leaves the in-flight map meanwhile.
+    async fn share(&self, size: u64) {
+        let Some(shared) = self.shared.clone() else { return };
+        let file = match self.store.open_blob(&self.digest).await {
+            Ok(Some(blob)) => blob.file,
+            _ => return,
+        };
+        let digest = self.digest;
+        tokio::spawn(async move {
+            if let Err(error) = shared.upload_blob(&digest, file, size).await {
+                tracing::warn!(digest = %digest, %error, "could not upload the blob to shared storage");
+            }
+        });
     }
 
     /// A temp file for the fill, and a second handle on it for readers.
@@ -446,20 +561,6 @@ impl FillTask {
         tracing::error!(digest = %self.digest, %error, "cache cannot store the blob: streaming it through uncached");
     }
 
-    /// Asks the upstream for the rest of the blob from `offset`.
-    async fn resume(&self, offset: u64) -> Result<reqwest::Response, FillError> {
-        let response = self.upstream.check(self.upstream.blob(&self.repo, &self.digest, offset).await?)?;
-        let start = response
-            .headers()
-            .get(http::header::CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(content_range_start);
-        if response.status() != StatusCode::PARTIAL_CONTENT || start != Some(offset) {
-            return Err(FillError::Cut(format!("upstream cannot resume at byte {offset}")));
-        }
-        Ok(response)
-    }
-
     fn wrong_length(&self, announced: Option<u64>, received: u64) -> FillError {
         FillError::WrongLength {
             upstream: self.upstream.name().to_owned(),
@@ -467,11 +568,6 @@ impl FillTask {
             received,
         }
     }
-}
-
-/// `bytes 100-199/1000` -> 100.
-fn content_range_start(value: &str) -> Option<u64> {
-    value.strip_prefix("bytes ")?.split('-').next()?.trim().parse().ok()
 }
 
 /// Where a fill's bytes go: the temp file (until the disk refuses one) and the running hash.
@@ -491,12 +587,10 @@ impl Sink {
     }
 }
 
-type ByteStream = futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>;
-
 /// Waits for the next chunk, then gathers whatever else has already arrived (up to
 /// [`MAX_WRITE_BATCH`]) without waiting: low latency when bytes trickle, few writes when
 /// they pour.
-async fn next_batch(body: &mut ByteStream) -> reqwest::Result<Option<Bytes>> {
+async fn next_batch(body: &mut ByteStream) -> io::Result<Option<Bytes>> {
     let Some(first) = body.next().await.transpose()? else { return Ok(None) };
     if first.len() >= MAX_WRITE_BATCH {
         return Ok(Some(first));
@@ -645,12 +739,5 @@ mod tests {
         assert_eq!(deliverable(100, Some(100)), 99);
         assert_eq!(deliverable(500, Some(100)), 99);
         assert_eq!(deliverable(500, None), 500);
-    }
-
-    #[test]
-    fn content_range_start_parses() {
-        assert_eq!(content_range_start("bytes 100-199/1000"), Some(100));
-        assert_eq!(content_range_start("bytes 0-0/*"), Some(0));
-        assert_eq!(content_range_start("items 1-2/3"), None);
     }
 }

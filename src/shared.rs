@@ -1,0 +1,391 @@
+//! The shared tier: blobs, manifests and tag records in an S3-compatible object store, so
+//! that several replicas act as one cache and losing a replica loses nothing.
+//!
+//! ```text
+//! <prefix>blobs/sha256/<64 hex>         verified blob bytes
+//! <prefix>manifests/sha256/<64 hex>     manifest bytes, their media type as Content-Type
+//! <prefix>tags/<upstream>/<repo>/_tags/<tag>   tag record (JSON), as on local disk
+//! <prefix>access/<replica id>.json      when this replica last used each object
+//! ```
+//!
+//! Only verified content is written, and an object store makes an object visible only when
+//! its upload completes (a single PUT, or the final call of a multipart upload), so no reader
+//! ever sees a partial or unverified object under a final key. Readers verify again anyway:
+//! a blob streamed from here goes through the same hashing fill as one from an upstream, and
+//! a manifest is hashed before it is used.
+//!
+//! The tier is best-effort. Every failure is counted and logged, and after repeated failures
+//! the tier is marked down for a while (`regmirror_shared_up`, `/readyz`): requests then skip
+//! it and the replica serves its local tier and its upstreams as if it were alone.
+//!
+//! Its size bound (`shared_max_size`) is kept by one replica at a time (the cluster picks
+//! it): every replica batches its last-access times into its own `access/` record, and the
+//! keeper deletes the least recently used objects, by the newest of those times and the
+//! object's upload time, until the tier fits. Incomplete multipart uploads of a crashed
+//! replica are left to the bucket's lifecycle rule (deploy/kubernetes-replicas/README.md).
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path;
+use object_store::{
+    Attribute, Attributes, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutOptions, PutPayload, WriteMultipart,
+};
+use tokio::io::AsyncReadExt;
+use tokio::sync::Semaphore;
+
+use crate::config::S3Config;
+use crate::metrics::Metrics;
+use crate::reference::{Digest, RepoName, Tag};
+use crate::store::{StoredManifest, TagRecord};
+use crate::upstream::health::Health;
+
+/// Blobs up to this size go up in one PUT; larger ones in parts of this size.
+const PART_SIZE: usize = 8 << 20;
+/// Uploads at once: each holds up to two parts in memory.
+const MAX_UPLOADS: usize = 2;
+/// Access times (milliseconds) older than this are dropped from a replica's record.
+const ACCESS_RECORD_MAX_AGE_MS: u64 = 30 * 24 * 3600 * 1000;
+/// The keeper deletes down to this share of the bound, so it does not run on every object.
+const BOUND_LOW_WATER: f64 = 0.95;
+const MAX_MANIFEST_SIZE: usize = crate::mirror::MAX_MANIFEST_SIZE;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    #[error("shared storage: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("shared storage credentials: {0}")]
+    Credentials(io::Error),
+    #[error("shared storage is marked down after repeated failures")]
+    Down,
+}
+
+/// A blob body from the shared tier, from the requested offset on.
+pub struct SharedBlob {
+    pub size: u64,
+    pub body: futures_util::stream::BoxStream<'static, io::Result<Bytes>>,
+}
+
+pub struct SharedTier {
+    store: AmazonS3,
+    prefix: String,
+    description: String,
+    health: Health,
+    metrics: Arc<Metrics>,
+    uploads: Semaphore,
+    max_size: Option<u64>,
+    replica_id: String,
+    /// Object keys (relative to the prefix) and when this replica last used them (Unix ms:
+    /// pulls a second apart must keep their order).
+    accesses: Mutex<HashMap<String, u64>>,
+}
+
+impl SharedTier {
+    /// Builds the client; contacts nothing (a mirror starts even when the store is down).
+    /// `replica_id` names this replica's access record.
+    pub fn open(config: &S3Config, replica_id: &str, metrics: Arc<Metrics>) -> Result<SharedTier, SharedError> {
+        let store = AmazonS3Builder::new()
+            .with_endpoint(config.endpoint.as_str().trim_end_matches('/'))
+            .with_allow_http(config.endpoint.scheme() == "http")
+            .with_bucket_name(&config.bucket)
+            .with_region(&config.region)
+            .with_virtual_hosted_style_request(!config.path_style)
+            .with_access_key_id(config.access_key_id.read().map_err(SharedError::Credentials)?)
+            .with_secret_access_key(config.secret_access_key.read().map_err(SharedError::Credentials)?)
+            .build()?;
+        metrics.shared_up.set(1);
+        Ok(SharedTier {
+            store,
+            prefix: config.prefix.clone(),
+            description: format!("{}/{}", config.endpoint.as_str().trim_end_matches('/'), config.bucket),
+            health: Health::default(),
+            metrics,
+            uploads: Semaphore::new(MAX_UPLOADS),
+            max_size: config.shared_max_size,
+            replica_id: replica_id.to_owned(),
+            accesses: Mutex::default(),
+        })
+    }
+
+    /// `endpoint/bucket`, for logs and `/readyz` (no credentials).
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// `Some(remaining)` while the store is marked down.
+    pub fn down_for(&self) -> Option<std::time::Duration> {
+        self.health.down_for()
+    }
+
+    fn path(&self, relative: &str) -> Path {
+        Path::from(format!("{}{relative}", self.prefix))
+    }
+
+    fn blob_key(digest: &Digest) -> String {
+        format!("blobs/sha256/{}", digest.hex())
+    }
+
+    fn manifest_key(digest: &Digest) -> String {
+        format!("manifests/sha256/{}", digest.hex())
+    }
+
+    fn tag_key(upstream: &str, repo: &RepoName, tag: &Tag) -> String {
+        format!("tags/{upstream}/{repo}/_tags/{tag}")
+    }
+
+    /// Runs one request unless the store is marked down, and records how it went.
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        request: impl Future<Output = object_store::Result<T>>,
+    ) -> Result<Option<T>, SharedError> {
+        if self.health.down_for().is_some() {
+            return Err(SharedError::Down);
+        }
+        let (result, outcome) = match request.await {
+            Ok(value) => (Ok(Some(value)), "ok"),
+            Err(object_store::Error::NotFound { .. }) => (Ok(None), "not_found"),
+            Err(error) => (Err(SharedError::Store(error)), "error"),
+        };
+        self.metrics.shared_requests.with_label_values(&[op, outcome]).inc();
+        let marked_down = self.health.record(result.is_ok());
+        self.metrics.shared_up.set(i64::from(self.health.down_for().is_none()));
+        if marked_down {
+            tracing::warn!(store = %self.description, "shared storage marked down: serving the local tier only");
+        }
+        result
+    }
+
+    /// The blob from byte `offset` on, or `None` if the tier does not have it.
+    pub async fn blob(&self, digest: &Digest, offset: u64) -> Result<Option<SharedBlob>, SharedError> {
+        let key = Self::blob_key(digest);
+        let options = GetOptions { range: (offset > 0).then_some(GetRange::Offset(offset)), ..Default::default() };
+        let Some(result) = self.call("get", self.store.get_opts(&self.path(&key), options)).await? else {
+            return Ok(None);
+        };
+        self.touch(key);
+        let size = result.meta.size;
+        let body = result.into_stream().map_err(io::Error::other).boxed();
+        Ok(Some(SharedBlob { size, body }))
+    }
+
+    /// The blob's size, if the tier has it.
+    pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, SharedError> {
+        let meta = self.call("head", self.store.head(&self.path(&Self::blob_key(digest)))).await?;
+        Ok(meta.map(|m| m.size))
+    }
+
+    /// Deletes a blob whose bytes do not match its digest (written by something else than a
+    /// replica, or damaged in the store).
+    pub async fn remove_blob(&self, digest: &Digest) {
+        let path = self.path(&Self::blob_key(digest));
+        match self.call("delete", self.store.delete(&path)).await {
+            Ok(_) => {
+                tracing::error!(digest = %digest, store = %self.description, "corrupt blob deleted from shared storage")
+            }
+            Err(error) => tracing::warn!(digest = %digest, %error, "could not delete a corrupt shared blob"),
+        }
+    }
+
+    /// Uploads a verified blob from an open file of the local tier (which keeps the bytes
+    /// readable even if the local tier evicts it meanwhile).
+    pub async fn upload_blob(&self, digest: &Digest, file: std::fs::File, size: u64) -> Result<(), SharedError> {
+        let _permit = self.uploads.acquire().await.expect("upload semaphore never closed");
+        let path = self.path(&Self::blob_key(digest));
+        if self.call("head", self.store.head(&path)).await?.is_some() {
+            return Ok(());
+        }
+        let mut file = tokio::fs::File::from_std(file);
+        if size as usize <= PART_SIZE {
+            let mut bytes = Vec::with_capacity(size as usize);
+            file.read_to_end(&mut bytes).await.map_err(|e| SharedError::Store(local_read_error(e)))?;
+            self.call("put", self.store.put(&path, PutPayload::from(bytes))).await?;
+        } else {
+            let Some(upload) = self.call("put", self.store.put_multipart(&path)).await? else {
+                return Err(SharedError::Store(local_read_error(io::ErrorKind::NotFound.into())));
+            };
+            let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+            let mut buf = vec![0; PART_SIZE];
+            loop {
+                let n = match file.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(error) => {
+                        let _ = writer.abort().await;
+                        return Err(SharedError::Store(local_read_error(error)));
+                    }
+                };
+                if let Err(error) = writer.wait_for_capacity(1).await {
+                    return Err(self.failed_put(error));
+                }
+                writer.write(&buf[..n]);
+            }
+            if let Err(error) = writer.finish().await {
+                return Err(self.failed_put(error));
+            }
+            self.metrics.shared_requests.with_label_values(&["put", "ok"]).inc();
+        }
+        tracing::info!(digest = %digest, size, store = %self.description, "blob uploaded to shared storage");
+        Ok(())
+    }
+
+    fn failed_put(&self, error: object_store::Error) -> SharedError {
+        self.metrics.shared_requests.with_label_values(&["put", "error"]).inc();
+        self.health.record(false);
+        SharedError::Store(error)
+    }
+
+    /// The manifest `digest`, if the tier has it and its bytes hash to it.
+    pub async fn manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, SharedError> {
+        let key = Self::manifest_key(digest);
+        let Some(result) = self.call("get", self.store.get(&self.path(&key))).await? else { return Ok(None) };
+        if result.meta.size > MAX_MANIFEST_SIZE as u64 {
+            return Ok(None);
+        }
+        let media_type = result.attributes.get(&Attribute::ContentType).map(|v| v.to_string());
+        let bytes = match self.call("get", result.bytes()).await? {
+            Some(bytes) => bytes,
+            None => return Ok(None),
+        };
+        if Digest::of(&bytes) != *digest {
+            tracing::error!(digest = %digest, store = %self.description, "shared manifest does not match its digest: ignored");
+            return Ok(None);
+        }
+        let Some(media_type) = media_type else { return Ok(None) };
+        self.touch(key);
+        Ok(Some(StoredManifest { bytes, media_type }))
+    }
+
+    pub async fn put_manifest(&self, digest: &Digest, manifest: &StoredManifest) -> Result<(), SharedError> {
+        let key = Self::manifest_key(digest);
+        let mut attributes = Attributes::new();
+        attributes.insert(Attribute::ContentType, manifest.media_type.clone().into());
+        let options = PutOptions { attributes, ..Default::default() };
+        let payload = PutPayload::from(manifest.bytes.clone());
+        self.call("put", self.store.put_opts(&self.path(&key), payload, options)).await?;
+        self.touch(key);
+        Ok(())
+    }
+
+    pub async fn tag(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> Result<Option<TagRecord>, SharedError> {
+        let path = self.path(&Self::tag_key(upstream, repo, tag));
+        let Some(result) = self.call("get", self.store.get(&path)).await? else { return Ok(None) };
+        let Some(bytes) = self.call("get", result.bytes()).await? else { return Ok(None) };
+        Ok(serde_json::from_slice(&bytes).ok())
+    }
+
+    pub async fn put_tag(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+        record: &TagRecord,
+    ) -> Result<(), SharedError> {
+        let path = self.path(&Self::tag_key(upstream, repo, tag));
+        let json = serde_json::to_vec(record).expect("a tag record serialises");
+        self.call("put", self.store.put(&path, PutPayload::from(json))).await?;
+        Ok(())
+    }
+
+    /// Notes that this replica used an object now (written out by [`Self::flush_accesses`]).
+    fn touch(&self, key: String) {
+        self.accesses.lock().expect("accesses poisoned").insert(key, unix_millis());
+    }
+
+    /// Notes a use of a blob served from the local tier, so the shared tier's LRU order
+    /// reflects what clients pull, not only what reached the shared tier.
+    pub fn touch_blob(&self, digest: &Digest) {
+        self.touch(Self::blob_key(digest));
+    }
+
+    fn access_path(&self, replica: &str) -> Path {
+        self.path(&format!("access/{replica}.json"))
+    }
+
+    /// Writes this replica's access record (merged with what it wrote before a restart).
+    pub async fn flush_accesses(&self) -> Result<(), SharedError> {
+        let own = self.access_path(&self.replica_id);
+        let mut record = self.read_access_record(&own).await?;
+        let now = unix_millis();
+        {
+            let accesses = self.accesses.lock().expect("accesses poisoned");
+            for (key, at) in accesses.iter() {
+                let entry = record.entry(key.clone()).or_default();
+                *entry = (*entry).max(*at);
+            }
+        }
+        record.retain(|_, at| now.saturating_sub(*at) < ACCESS_RECORD_MAX_AGE_MS);
+        let json = serde_json::to_vec(&record).expect("a map serialises");
+        self.call("put", self.store.put(&own, PutPayload::from(json))).await?;
+        // Keep what was written in memory too: the next flush merges instead of re-reading.
+        *self.accesses.lock().expect("accesses poisoned") = record;
+        Ok(())
+    }
+
+    async fn read_access_record(&self, path: &Path) -> Result<HashMap<String, u64>, SharedError> {
+        let Some(result) = self.call("get", self.store.get(path)).await? else { return Ok(HashMap::new()) };
+        let Some(bytes) = self.call("get", result.bytes()).await? else { return Ok(HashMap::new()) };
+        Ok(serde_json::from_slice(&bytes).unwrap_or_default())
+    }
+
+    /// Deletes least recently used blobs and manifests until the tier fits `shared_max_size`.
+    /// Returns the bytes deleted. Called by one replica at a time.
+    pub async fn enforce_bound(&self) -> Result<u64, SharedError> {
+        let Some(max) = self.max_size else { return Ok(0) };
+        let mut objects = Vec::new();
+        for kind in ["blobs/", "manifests/"] {
+            objects.extend(self.list(kind).await?);
+        }
+        let mut total: u64 = objects.iter().map(|o| o.size).sum();
+        if total <= max {
+            return Ok(0);
+        }
+        let mut last_access = HashMap::<String, u64>::new();
+        for record in self.list("access/").await? {
+            for (key, at) in self.read_access_record(&record.location).await? {
+                let entry = last_access.entry(key).or_default();
+                *entry = (*entry).max(at);
+            }
+        }
+        let relative = |o: &object_store::ObjectMeta| o.location.as_ref()[self.prefix.len()..].to_owned();
+        let used = |o: &object_store::ObjectMeta| {
+            let uploaded = u64::try_from(o.last_modified.timestamp_millis()).unwrap_or_default();
+            last_access.get(&relative(o)).copied().unwrap_or_default().max(uploaded)
+        };
+        objects.sort_by_key(|o| used(o));
+        let target = (max as f64 * BOUND_LOW_WATER) as u64;
+        let mut deleted = 0;
+        for object in objects {
+            if total <= target {
+                break;
+            }
+            self.call("delete", self.store.delete(&object.location)).await?;
+            total -= object.size;
+            deleted += object.size;
+            self.metrics.shared_evictions.inc();
+            self.metrics.shared_evicted_bytes.inc_by(object.size);
+            self.accesses.lock().expect("accesses poisoned").remove(&relative(&object));
+        }
+        tracing::info!(deleted, remaining = total, max, "shared storage trimmed to its bound");
+        Ok(deleted)
+    }
+
+    async fn list(&self, relative: &str) -> Result<Vec<object_store::ObjectMeta>, SharedError> {
+        let prefix = self.path(relative.trim_end_matches('/'));
+        let listing: object_store::Result<Vec<_>> = self.store.list(Some(&prefix)).try_collect().await;
+        Ok(self.call("list", std::future::ready(listing)).await?.unwrap_or_default())
+    }
+}
+
+fn local_read_error(error: io::Error) -> object_store::Error {
+    object_store::Error::Generic { store: "local tier", source: Box::new(error) }
+}
+
+fn unix_millis() -> u64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
+}
