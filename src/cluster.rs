@@ -275,6 +275,21 @@ mod tests {
         assert!(owned.iter().all(|n| *n > 60), "keys spread over the replicas: {owned:?}");
     }
 
+    #[tokio::test]
+    async fn replicas_come_from_dns_with_this_one_kept() {
+        let config = ClusterConfig {
+            advertise: "http://127.0.0.1:5999".parse().unwrap(),
+            replicas: Vec::new(),
+            replicas_dns: Some("localhost:5999".into()),
+            credentials: None,
+        };
+        let cluster = Cluster::new(&config, Arc::new(Metrics::new())).unwrap();
+        cluster.resolve("localhost:5999").await;
+        let members: Vec<String> = cluster.members.read().unwrap().iter().map(|m| m.url.to_string()).collect();
+        assert!(members.contains(&"http://127.0.0.1:5999/".to_owned()), "{members:?}");
+        assert!(members.iter().all(|m| m.ends_with(":5999/")), "{members:?}");
+    }
+
     #[test]
     fn a_dead_owner_moves_only_its_keys() {
         let replicas = ["http://a:5000", "http://b:5000", "http://c:5000"];

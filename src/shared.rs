@@ -82,6 +82,8 @@ pub struct SharedTier {
     /// Object keys (relative to the prefix) and when this replica last used them (Unix ms:
     /// pulls a second apart must keep their order).
     accesses: Mutex<HashMap<String, u64>>,
+    /// Whether the record this replica wrote before a restart was merged into `accesses`.
+    accesses_loaded: std::sync::atomic::AtomicBool,
 }
 
 impl SharedTier {
@@ -108,6 +110,7 @@ impl SharedTier {
             max_size: config.shared_max_size,
             replica_id: replica_id.to_owned(),
             accesses: Mutex::default(),
+            accesses_loaded: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -220,10 +223,12 @@ impl SharedTier {
                     }
                 };
                 if let Err(error) = writer.wait_for_capacity(1).await {
+                    let _ = writer.abort().await;
                     return Err(self.failed_put(error));
                 }
                 writer.write(&buf[..n]);
             }
+            // `finish` aborts the upload itself when completing fails.
             if let Err(error) = writer.finish().await {
                 return Err(self.failed_put(error));
             }
@@ -242,15 +247,8 @@ impl SharedTier {
     /// The manifest `digest`, if the tier has it and its bytes hash to it.
     pub async fn manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, SharedError> {
         let key = Self::manifest_key(digest);
-        let Some(result) = self.call("get", self.store.get(&self.path(&key))).await? else { return Ok(None) };
-        if result.meta.size > MAX_MANIFEST_SIZE as u64 {
-            return Ok(None);
-        }
-        let media_type = result.attributes.get(&Attribute::ContentType).map(|v| v.to_string());
-        let bytes = match self.call("get", result.bytes()).await? {
-            Some(bytes) => bytes,
-            None => return Ok(None),
-        };
+        let Some((bytes, attributes)) = self.get_small(&self.path(&key)).await? else { return Ok(None) };
+        let media_type = attributes.get(&Attribute::ContentType).map(|v| v.to_string());
         if Digest::of(&bytes) != *digest {
             tracing::error!(digest = %digest, store = %self.description, "shared manifest does not match its digest: ignored");
             return Ok(None);
@@ -273,8 +271,7 @@ impl SharedTier {
 
     pub async fn tag(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> Result<Option<TagRecord>, SharedError> {
         let path = self.path(&Self::tag_key(upstream, repo, tag));
-        let Some(result) = self.call("get", self.store.get(&path)).await? else { return Ok(None) };
-        let Some(bytes) = self.call("get", result.bytes()).await? else { return Ok(None) };
+        let Some((bytes, _)) = self.get_small(&path).await? else { return Ok(None) };
         Ok(serde_json::from_slice(&bytes).ok())
     }
 
@@ -306,30 +303,45 @@ impl SharedTier {
         self.path(&format!("access/{replica}.json"))
     }
 
-    /// Writes this replica's access record (merged with what it wrote before a restart).
+    /// Writes this replica's access record, which keeps its earlier times across restarts.
     pub async fn flush_accesses(&self) -> Result<(), SharedError> {
         let own = self.access_path(&self.replica_id);
-        let mut record = self.read_access_record(&own).await?;
-        let now = unix_millis();
-        {
-            let accesses = self.accesses.lock().expect("accesses poisoned");
-            for (key, at) in accesses.iter() {
-                let entry = record.entry(key.clone()).or_default();
-                *entry = (*entry).max(*at);
+        if !self.accesses_loaded.load(std::sync::atomic::Ordering::Relaxed) {
+            let before = self.read_access_record(&own).await?;
+            let mut accesses = self.accesses.lock().expect("accesses poisoned");
+            for (key, at) in before {
+                let entry = accesses.entry(key).or_default();
+                *entry = (*entry).max(at);
             }
+            self.accesses_loaded.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        record.retain(|_, at| now.saturating_sub(*at) < ACCESS_RECORD_MAX_AGE_MS);
-        let json = serde_json::to_vec(&record).expect("a map serialises");
-        self.call("put", self.store.put(&own, PutPayload::from(json))).await?;
-        // Keep what was written in memory too: the next flush merges instead of re-reading.
-        *self.accesses.lock().expect("accesses poisoned") = record;
+        let snapshot = {
+            let now = unix_millis();
+            let mut accesses = self.accesses.lock().expect("accesses poisoned");
+            accesses.retain(|_, at| now.saturating_sub(*at) < ACCESS_RECORD_MAX_AGE_MS);
+            serde_json::to_vec(&*accesses).expect("a map serialises")
+        };
+        self.call("put", self.store.put(&own, PutPayload::from(snapshot))).await?;
         Ok(())
     }
 
     async fn read_access_record(&self, path: &Path) -> Result<HashMap<String, u64>, SharedError> {
-        let Some(result) = self.call("get", self.store.get(path)).await? else { return Ok(HashMap::new()) };
-        let Some(bytes) = self.call("get", result.bytes()).await? else { return Ok(HashMap::new()) };
+        let Some((bytes, _)) = self.get_small(path).await? else { return Ok(HashMap::new()) };
         Ok(serde_json::from_slice(&bytes).unwrap_or_default())
+    }
+
+    /// A small object (a manifest, a record) whole, with its attributes; `None` if it does not
+    /// exist or is larger than any manifest may be.
+    async fn get_small(&self, path: &Path) -> Result<Option<(Bytes, Attributes)>, SharedError> {
+        let read = async {
+            let result = self.store.get(path).await?;
+            if result.meta.size > MAX_MANIFEST_SIZE as u64 {
+                return Ok(None);
+            }
+            let attributes = result.attributes.clone();
+            Ok(Some((result.bytes().await?, attributes)))
+        };
+        Ok(self.call("get", read).await?.flatten())
     }
 
     /// Deletes least recently used blobs and manifests until the tier fits `shared_max_size`.
@@ -388,4 +400,19 @@ fn local_read_error(error: io::Error) -> object_store::Error {
 fn unix_millis() -> u64 {
     let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_keep_registry_ports_and_nested_repositories() {
+        let repo = RepoName::parse("org/team/tool").unwrap();
+        let tag = Tag::parse("v1.2").unwrap();
+        let key = SharedTier::tag_key("localhost:5000", &repo, &tag);
+        assert_eq!(Path::from(format!("mirror/{key}")).as_ref(), "mirror/tags/localhost:5000/org/team/tool/_tags/v1.2");
+        let digest = Digest::of(b"x");
+        assert_eq!(SharedTier::blob_key(&digest), format!("blobs/sha256/{}", digest.hex()));
+    }
 }

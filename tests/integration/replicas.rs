@@ -130,9 +130,9 @@ fn replicas_download_each_blob_once_and_share_it() -> Result<()> {
     let replicas = start_replicas(&upstream.url(), garage, &bucket, 3)?;
     let blobs = &image.platform(ARCHITECTURE)?.blobs;
 
-    // Cold pulls through all three replicas at once.
+    // Cold pulls through all three replicas at once, two clients each.
     let mark = upstream.mark()?;
-    let clients = replicas.iter().map(|r| Skopeo::new(r.host())).collect::<Result<Vec<_>>>()?;
+    let clients = replicas.iter().chain(&replicas).map(|r| Skopeo::new(r.host())).collect::<Result<Vec<_>>>()?;
     let reference = image.by_tag();
     std::thread::scope(|scope| {
         let pulls: Vec<_> = clients
@@ -142,10 +142,10 @@ fn replicas_download_each_blob_once_and_share_it() -> Result<()> {
         pulls.into_iter().try_for_each(|p| p.join().expect("a pull thread panicked"))
     })?;
     let fetches = upstream.blob_fetches_since(&mark, repository)?;
-    ensure!(fetches == blobs.len(), "3 replicas made {fetches} upstream blob GETs for {} blobs", blobs.len());
+    ensure!(fetches == blobs.len(), "6 clients on 3 replicas: {fetches} upstream blob GETs for {} blobs", blobs.len());
     // The tag's owner asked the upstream for everyone (a pull that counts on Docker Hub).
     let manifest_gets = upstream.count_since(&mark, "GET", &format!("/v2/{repository}/manifests/*"))?;
-    ensure!(manifest_gets == 1, "3 replicas made {manifest_gets} upstream manifest GETs");
+    ensure!(manifest_gets == 1, "6 clients on 3 replicas: {manifest_gets} upstream manifest GETs");
     let mut by_source = [0.0; 3];
     for replica in &replicas {
         for (i, source) in ["upstream", "peer", "shared"].iter().enumerate() {
@@ -221,6 +221,25 @@ fn a_replica_killed_mid_fill_costs_its_peers_nothing() -> Result<()> {
     ensure!(fills(other, "upstream")? == 1.0, "the survivor finished the fill from the upstream");
     let gets = upstream.count_since(&mark, "GET", &format!("/v2/{repository}/blobs/{}", layer.digest))?;
     ensure!(gets == 2, "{gets} upstream GETs: the owner's, and the survivor's resume");
+    // The shared tier got the whole, verified blob from the survivor, and nothing partial
+    // from the owner.
+    let store = s3(garage, &bucket, 0)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let key = object_store::path::Path::from(format!("blobs/sha256/{}", layer.digest.trim_start_matches("sha256:")));
+    until("the survivor's upload", Duration::from_secs(30), || Ok(runtime.block_on(store.head(&key)).is_ok()))?;
+    check_every_shared_blob(&store, &runtime)
+}
+
+/// Every blob object in the shared tier hashes to the digest in its key.
+fn check_every_shared_blob(store: &object_store::aws::AmazonS3, runtime: &tokio::runtime::Runtime) -> Result<()> {
+    use futures_util::TryStreamExt;
+    let objects: Vec<_> = runtime.block_on(store.list(Some(&"blobs".into())).try_collect::<Vec<_>>())?;
+    ensure!(!objects.is_empty(), "no blob in the shared tier");
+    for object in objects {
+        let bytes = runtime.block_on(async { store.get(&object.location).await?.bytes().await })?;
+        let name = object.location.filename().unwrap_or_default().to_owned();
+        ensure!(digest_of(&bytes) == format!("sha256:{name}"), "shared object {} holds other bytes", object.location);
+    }
     Ok(())
 }
 
@@ -334,6 +353,34 @@ fn the_shared_tier_stays_under_its_bound() -> Result<()> {
         let key = object_store::path::Path::from(format!("blobs/sha256/{}", blob.digest.trim_start_matches("sha256:")));
         ensure!(runtime.block_on(store.head(&key)).is_ok(), "recent blob {} was evicted", blob.digest);
     }
+    Ok(())
+}
+
+#[test]
+fn the_local_tier_stays_bounded_and_refills_from_the_shared_tier() -> Result<()> {
+    let shared = shared::plain()?;
+    let upstream = &shared.registry.upstream;
+    let garage = GarageCluster::shared();
+    let bucket = garage.create_bucket(&bucket_name("local"))?;
+    let repository = "replicas/local-bound";
+    let image = shared.registry.push(Fixture::Alpine, repository)?;
+    let bound = 4u64 << 20;
+    let mirror = Mirror::start(
+        with_keys(MirrorConfig::docker_io(&upstream.url()), &bucket)
+            .with_setting("storage", storage(garage, &bucket, 1, &[]))
+            .with_max_cache_size("4MiB"),
+    )?;
+    Skopeo::new(mirror.host())?.pull(&image.by_tag())?.check(&image)?;
+    ensure!(mirror.counter("regmirror_cache_size_bytes", &[])? <= bound as f64, "the local tier exceeds its bound");
+    ensure!(mirror.counter("regmirror_evictions_total", &[])? > 0.0, "the 6 MiB image evicted something locally");
+    wait_for_uploads(garage, &bucket, &image)?;
+
+    // What the local tier evicted comes back from the shared tier, not the upstream.
+    let mark = upstream.mark()?;
+    Skopeo::new(mirror.host())?.pull(&image.by_tag())?.check(&image)?;
+    ensure!(upstream.blob_fetches_since(&mark, repository)? == 0, "evicted blobs came from the upstream");
+    ensure!(fills(&mirror, "shared")? >= 1.0, "evicted blobs came back from the shared tier");
+    ensure!(mirror.counter("regmirror_cache_size_bytes", &[])? <= bound as f64, "the local tier exceeds its bound");
     Ok(())
 }
 
