@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
-use super::{Served, at, config_facts, deploy_dir, read, str_at, yaml_documents};
+use super::{Served, at, config_facts, deploy_dir, one_object, read, selects, str_at, yaml_documents};
 
 /// Every document of every YAML file in `deploy/kubernetes/`, with its file name.
 fn documents() -> Result<Vec<(String, Value)>> {
@@ -28,20 +28,7 @@ fn documents() -> Result<Vec<(String, Value)>> {
 
 /// The one document of `kind`.
 fn object(kind: &str) -> Result<Value> {
-    let mut found: Vec<Value> =
-        documents()?.into_iter().map(|(_, document)| document).filter(|document| document["kind"] == kind).collect();
-    ensure!(found.len() == 1, "{} documents of kind {kind}", found.len());
-    Ok(found.remove(0))
-}
-
-/// Every `key: value` of the selector `selector` is among `labels`.
-fn selects(selector: &Value, labels: &Value) -> Result<()> {
-    let selector = selector.as_object().context("a selector that is not a map")?;
-    ensure!(!selector.is_empty(), "an empty selector selects everything");
-    for (key, value) in selector {
-        ensure!(labels.get(key) == Some(value), "selector {key}={value} does not match labels {labels}");
-    }
-    Ok(())
+    one_object(documents()?, kind, None)
 }
 
 /// The pod's security context, for the Dockerfile's check of its `USER`.
