@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
 use crate::harness::clients::containerd::{Containerd, containerd};
+use crate::harness::clients::docker::{docker_cli, dockerd_command};
 use crate::harness::clients::skopeo::Skopeo;
 use crate::harness::clients::{PullClient, PulledImage, UNREACHABLE_REGISTRY};
 use crate::harness::images::{ARCHITECTURE, Fixture, PushedImage, digest_of};
@@ -352,7 +353,6 @@ fn tar_entry(archive: &[u8], path: &str) -> Result<(u64, u64)> {
 /// namespaces. There is no internet here, so dockerd's silent fallback to Docker Hub fails:
 /// a pull that succeeds came from the mirror, which the metrics confirm too.
 struct OfflineDockerd {
-    socket: PathBuf,
     dir: Scratch,
     _process: Process,
 }
@@ -361,27 +361,12 @@ impl OfflineDockerd {
     fn start(mirror: &Mirror) -> Result<OfflineDockerd> {
         let containerd: &Containerd = containerd()?;
         let dir = Scratch::new("air-gap-dockerd")?;
-        let socket = dir.join("docker.sock");
         std::fs::write(dir.join("daemon.json"), "{}")?;
         let name = workdir::test_scoped("dockerd");
         let log = workdir::log_file(&name)?;
         let namespace = format!("air-gap-{}", std::process::id());
-        let mut command = process::tool("dockerd")?;
+        let mut command = dockerd_command(&dir, containerd)?;
         command
-            .arg("--config-file")
-            .arg(dir.join("daemon.json"))
-            .arg("--data-root")
-            .arg(dir.join("root"))
-            .arg("--exec-root")
-            .arg(dir.join("exec"))
-            .arg("--pidfile")
-            .arg(dir.join("dockerd.pid"))
-            .arg("--host")
-            .arg(format!("unix://{}", socket.display()))
-            .args(["--storage-driver", "vfs", "--bridge", "none"])
-            .args(["--iptables=false", "--ip6tables=false"])
-            .arg("--containerd")
-            .arg(containerd.socket())
             .args(["--containerd-namespace", &namespace])
             .args(["--containerd-plugins-namespace", &format!("{namespace}-plugins")])
             .arg("--registry-mirror")
@@ -389,15 +374,11 @@ impl OfflineDockerd {
         let mut process = Process::spawn_logged(&name, command, &log, &log)?;
         wait::for_log_line(&mut process, &log, "API listen on")
             .with_context(|| format!("dockerd log: {}", log.display()))?;
-        Ok(OfflineDockerd { socket, dir, _process: process })
+        Ok(OfflineDockerd { dir, _process: process })
     }
 
     fn docker(&self) -> Result<Command> {
-        let mut command = process::tool("docker")?;
-        command
-            .env("DOCKER_HOST", format!("unix://{}", self.socket.display()))
-            .env("DOCKER_CONFIG", self.dir.join("cli"));
-        Ok(command)
+        docker_cli(&self.dir)
     }
 }
 

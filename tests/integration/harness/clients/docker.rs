@@ -13,14 +13,13 @@
 //! access log); getting the random fixture layers at all is proof too, as
 //! nothing else has them.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-use super::containerd::containerd;
+use super::containerd::{Containerd, containerd};
 use super::{MIRROR_PLACEHOLDER, PullClient, PulledImage, deploy_snippet};
 use crate::harness::images::ARCHITECTURE;
 use crate::harness::mirror::{Mirror, MirrorConfig};
@@ -31,7 +30,6 @@ use crate::harness::workdir::{self, Scratch};
 
 /// The shared dockerd and its mirror.
 pub struct Dockerd {
-    socket: PathBuf,
     dir: Scratch,
     mirror: Mirror,
     in_use: Mutex<()>,
@@ -60,40 +58,52 @@ impl Dockerd {
         let mirror = Mirror::start_named("shared-dockerd-mirror", MirrorConfig::docker_io(&upstream.url()))?;
         let containerd = containerd()?;
         let dir = Scratch::new("dockerd")?;
-        let socket = dir.join("docker.sock");
         // deploy/clients/daemon.json, which also keeps /etc/docker/daemon.json out of it.
         let daemon_json = deploy_snippet("daemon.json", &[(MIRROR_PLACEHOLDER, mirror.host())])?;
         std::fs::write(dir.join("daemon.json"), daemon_json)?;
         let log = workdir::log_file("shared-dockerd")?;
-        let mut command = process::tool("dockerd")?;
-        command
-            .arg("--config-file")
-            .arg(dir.join("daemon.json"))
-            .arg("--data-root")
-            .arg(dir.join("root"))
-            .arg("--exec-root")
-            .arg(dir.join("exec"))
-            .arg("--pidfile")
-            .arg(dir.join("dockerd.pid"))
-            .arg("--host")
-            .arg(format!("unix://{}", socket.display()))
-            .args(["--storage-driver", "vfs", "--bridge", "none"])
-            .args(["--iptables=false", "--ip6tables=false"])
-            .arg("--containerd")
-            .arg(containerd.socket());
+        let command = dockerd_command(&dir, containerd)?;
         let mut process = Process::spawn_logged("dockerd", command, &log, &log)?;
         wait::for_log_line(&mut process, &log, "API listen on")?;
-        Ok(Dockerd { socket, dir, mirror, in_use: Mutex::new(()), _process: process })
+        Ok(Dockerd { dir, mirror, in_use: Mutex::new(()), _process: process })
     }
 
     /// A `docker` CLI command for this daemon, with a private CLI config.
     fn docker(&self) -> Result<Command> {
-        let mut command = process::tool("docker")?;
-        command
-            .env("DOCKER_HOST", format!("unix://{}", self.socket.display()))
-            .env("DOCKER_CONFIG", self.dir.join("cli"));
-        Ok(command)
+        docker_cli(&self.dir)
     }
+}
+
+/// `dockerd` with everything in `dir` (config `daemon.json`, data, exec root, pid file and
+/// the API socket `docker.sock`), no networking of its own, on `containerd`.
+pub fn dockerd_command(dir: &Scratch, containerd: &Containerd) -> Result<Command> {
+    let mut command = process::tool("dockerd")?;
+    command
+        .arg("--config-file")
+        .arg(dir.join("daemon.json"))
+        .arg("--data-root")
+        .arg(dir.join("root"))
+        .arg("--exec-root")
+        .arg(dir.join("exec"))
+        .arg("--pidfile")
+        .arg(dir.join("dockerd.pid"))
+        .arg("--host")
+        .arg(format!("unix://{}", dir.join("docker.sock").display()))
+        .args(["--storage-driver", "vfs", "--bridge", "none"])
+        .args(["--iptables=false", "--ip6tables=false"])
+        .arg("--containerd")
+        .arg(containerd.socket());
+    Ok(command)
+}
+
+/// A `docker` CLI command for the daemon of [`dockerd_command`]`(dir, …)`, with a private
+/// CLI config.
+pub fn docker_cli(dir: &Scratch) -> Result<Command> {
+    let mut command = process::tool("docker")?;
+    command
+        .env("DOCKER_HOST", format!("unix://{}", dir.join("docker.sock").display()))
+        .env("DOCKER_CONFIG", dir.join("cli"));
+    Ok(command)
 }
 
 impl DockerSession {
