@@ -79,7 +79,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(cache_dir = %cache_dir.display(), upstreams = ?upstreams, "cache ready");
     tracing::info!(%addr, scheme, "listening");
-    regmirror::server::run(listener, mirror, options, shutdown_signal()).await;
+    regmirror::server::run(listener, mirror.clone(), options, shutdown_signal()).await;
+    mirror.finish_uploads(std::time::Duration::from_secs(30)).await;
     Ok(())
 }
 
@@ -177,6 +178,7 @@ async fn seed(args: SeedArgs) -> anyhow::Result<()> {
     let mirror = Mirror::open_shared(config)?;
     let options = SeedOptions { platforms, jobs: usize::from(args.jobs) };
     let outcomes = seed::seed_all(&mirror, images, &options, &progress).await;
+    mirror.finish_uploads(std::time::Duration::from_secs(600)).await;
     let seeded: Vec<&Seeded> = outcomes.iter().filter_map(|(_, r)| r.as_ref().ok()).collect();
     let failed = outcomes.len() - seeded.len();
     let downloaded: u64 =

@@ -186,6 +186,16 @@ impl Mirror {
         }
     }
 
+    /// Waits for blob uploads to the shared tier still running, at most `timeout` (a process
+    /// about to exit would otherwise cut them: the blobs would stay local only).
+    pub async fn finish_uploads(&self, timeout: std::time::Duration) {
+        if let Some(shared) = &self.shared
+            && !shared.wait_for_uploads(timeout).await
+        {
+            tracing::warn!("uploads to shared storage still running at exit: those blobs stay local");
+        }
+    }
+
     /// The shared tier, if any, and while it is marked down, how long until it is tried again.
     pub fn shared_health(&self) -> Option<(&str, Option<std::time::Duration>)> {
         self.shared.as_ref().map(|s| (s.description(), s.down_for()))

@@ -77,6 +77,8 @@ pub struct SharedTier {
     health: Health,
     metrics: Arc<Metrics>,
     uploads: Semaphore,
+    /// Uploads running in the background, so a process can wait for them before it exits.
+    pending_uploads: tokio_util::task::TaskTracker,
     max_size: Option<u64>,
     replica_id: String,
     /// Object keys (relative to the prefix) and when this replica last used them (Unix ms:
@@ -107,6 +109,7 @@ impl SharedTier {
             health: Health::default(),
             metrics,
             uploads: Semaphore::new(MAX_UPLOADS),
+            pending_uploads: tokio_util::task::TaskTracker::new(),
             max_size: config.shared_max_size,
             replica_id: replica_id.to_owned(),
             accesses: Mutex::default(),
@@ -180,6 +183,26 @@ impl SharedTier {
     pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, SharedError> {
         let meta = self.call("head", self.store.head(&self.path(&Self::blob_key(digest)))).await?;
         Ok(meta.map(|m| m.size))
+    }
+
+    /// Uploads a verified blob in the background (see [`Self::upload_blob`]); a failure is
+    /// logged, and the blob stays in the local tier only.
+    pub fn spawn_upload(self: &Arc<Self>, digest: Digest, file: std::fs::File, size: u64) {
+        let shared = self.clone();
+        self.pending_uploads.spawn(async move {
+            if let Err(error) = shared.upload_blob(&digest, file, size).await {
+                tracing::warn!(digest = %digest, %error, "could not upload the blob to shared storage");
+            }
+        });
+    }
+
+    /// Waits for the background uploads started so far (`seed` before it exits, a replica
+    /// while it shuts down), at most `timeout`. Returns whether they all finished.
+    pub async fn wait_for_uploads(&self, timeout: std::time::Duration) -> bool {
+        self.pending_uploads.close();
+        let finished = tokio::time::timeout(timeout, self.pending_uploads.wait()).await.is_ok();
+        self.pending_uploads.reopen();
+        finished
     }
 
     /// Deletes a blob whose bytes do not match its digest (written by something else than a

@@ -540,12 +540,7 @@ impl FillTask {
             Ok(Some(blob)) => blob.file,
             _ => return,
         };
-        let digest = self.digest;
-        tokio::spawn(async move {
-            if let Err(error) = shared.upload_blob(&digest, file, size).await {
-                tracing::warn!(digest = %digest, %error, "could not upload the blob to shared storage");
-            }
-        });
+        shared.spawn_upload(self.digest, file, size);
     }
 
     /// A temp file for the fill, and a second handle on it for readers.

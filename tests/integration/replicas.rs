@@ -384,6 +384,42 @@ fn the_local_tier_stays_bounded_and_refills_from_the_shared_tier() -> Result<()>
     Ok(())
 }
 
+/// `seed` fills through the same path as a pull, so what it fetches reaches the shared tier
+/// before it exits, and every replica then has it without asking the upstream.
+#[test]
+fn seeding_one_replica_seeds_them_all() -> Result<()> {
+    let shared = shared::plain()?;
+    let upstream = &shared.registry.upstream;
+    let garage = GarageCluster::shared();
+    let bucket = garage.create_bucket(&bucket_name("seed"))?;
+    let repository = "replicas/seeded";
+    let image = shared.registry.push(Fixture::Busybox, repository)?;
+    let config = with_keys(MirrorConfig::docker_io(&upstream.url()), &bucket)
+        .with_setting("storage", storage(garage, &bucket, 0, &[]));
+    let dir = crate::harness::workdir::Scratch::new("seed-shared")?;
+    std::fs::write(dir.join("seed.toml"), config.to_toml()?)?;
+    let mut seed = std::process::Command::new(env!("CARGO_BIN_EXE_regmirror"));
+    seed.args(["seed", "--config"])
+        .arg(dir.join("seed.toml"))
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .arg(format!("{repository}:{}", image.tag))
+        .envs(config.env.iter().map(|(k, v)| (k, v)));
+    crate::harness::process::run(&mut seed)?;
+
+    let store = s3(garage, &bucket, 0)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    for blob in &image.platform(ARCHITECTURE)?.blobs {
+        let key = object_store::path::Path::from(format!("blobs/sha256/{}", blob.digest.trim_start_matches("sha256:")));
+        ensure!(runtime.block_on(store.head(&key)).is_ok(), "seed exited before uploading {}", blob.digest);
+    }
+    let replica = Mirror::start(config)?;
+    let mark = upstream.mark()?;
+    Skopeo::new(replica.host())?.pull(&image.by_tag())?.check(&image)?;
+    ensure!(upstream.blob_fetches_since(&mark, repository)? == 0, "the replica asked the upstream for blobs");
+    Ok(())
+}
+
 #[test]
 fn a_stopped_garage_node_does_not_stop_the_replicas() -> Result<()> {
     let shared = shared::plain()?;
