@@ -154,7 +154,10 @@ impl Metrics {
             cache_blobs: gauge("regmirror_cache_blobs", "Blobs held in the cache."),
             evictions: counter("regmirror_evictions_total", "Blobs evicted to stay under the bound."),
             evicted_bytes: counter("regmirror_evicted_bytes_total", "Bytes evicted to stay under the bound."),
-            inflight_fetches: gauge("regmirror_inflight_fetches", "Blob downloads from upstreams in progress."),
+            inflight_fetches: gauge(
+                "regmirror_inflight_fetches",
+                "Blob fills in progress (from an upstream, or in a cluster from the shared tier or a replica).",
+            ),
             digest_mismatches: counter_vec(
                 "regmirror_digest_mismatches_total",
                 "Upstream answers whose content did not match their digest (never cached).",
