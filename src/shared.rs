@@ -92,7 +92,9 @@ impl SharedTier {
     /// Builds the client; contacts nothing (a mirror starts even when the store is down).
     /// `replica_id` names this replica's access record.
     pub fn open(config: &S3Config, replica_id: &str, metrics: Arc<Metrics>) -> Result<SharedTier, SharedError> {
+        // Client options first: they replace the whole set, `allow_http` included.
         let store = AmazonS3Builder::new()
+            .with_client_options(client_options())
             .with_endpoint(config.endpoint.as_str().trim_end_matches('/'))
             .with_allow_http(config.endpoint.scheme() == "http")
             .with_bucket_name(&config.bucket)
@@ -100,6 +102,7 @@ impl SharedTier {
             .with_virtual_hosted_style_request(!config.path_style)
             .with_access_key_id(config.access_key_id.read().map_err(SharedError::Credentials)?)
             .with_secret_access_key(config.secret_access_key.read().map_err(SharedError::Credentials)?)
+            .with_retry(quick_retries())
             .build()?;
         metrics.shared_up.set(1);
         Ok(SharedTier {
@@ -414,6 +417,28 @@ impl SharedTier {
         let listing: object_store::Result<Vec<_>> = self.store.list(Some(&prefix)).try_collect().await;
         Ok(self.call("list", std::future::ready(listing)).await?.unwrap_or_default())
     }
+}
+
+/// One quick retry, then the error: the tier is an optimisation, and a replica waiting
+/// minutes on it (object_store's default) would be slower than its upstream. Failures feed
+/// the health tracker, which then skips the tier for a while.
+fn quick_retries() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: std::time::Duration::from_millis(100),
+            max_backoff: std::time::Duration::from_secs(1),
+            base: 2.0,
+        },
+        max_retries: 1,
+        retry_timeout: std::time::Duration::from_secs(5),
+    }
+}
+
+/// A short connect timeout; a long whole-request one, since a blob body streams within it.
+fn client_options() -> object_store::ClientOptions {
+    object_store::ClientOptions::new()
+        .with_connect_timeout(std::time::Duration::from_secs(2))
+        .with_timeout(std::time::Duration::from_secs(30 * 60))
 }
 
 fn local_read_error(error: io::Error) -> object_store::Error {
