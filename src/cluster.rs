@@ -37,7 +37,8 @@ pub const PEER_HEADER: &str = "x-regmirror-peer";
 pub const CHECKED_AT_HEADER: &str = "x-regmirror-checked-at";
 
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Generous: a replica busy serving must not be taken for a dead one.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longer than an upstream's default silence timeout: a peer may be waiting on its upstream.
 const READ_TIMEOUT: Duration = Duration::from_secs(120);
