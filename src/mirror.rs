@@ -453,10 +453,8 @@ impl Mirror {
                 None
             }
         };
-        if let Some(stored) = &stored
-            && let Err(error) = self.store.put_manifest(digest, stored).await
-        {
-            self.cannot_store(&error);
+        if let Some(stored) = &stored {
+            self.keep_manifest(digest, stored).await;
         }
         Ok(stored)
     }
@@ -540,17 +538,13 @@ impl Mirror {
     ) -> Result<Manifest, Error> {
         let response = upstream.manifest(Method::GET, repo, reference, accept).await;
         let response = response.and_then(|r| upstream.check(r)).map_err(|e| Error::upstream(Kind::Manifest, e))?;
-        let announced =
-            response.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let content_type =
-            response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let (content_type, announced) = (header_text(&response, "content-type"), header_text(&response, DIGEST_HEADER));
         let bytes =
             read_limited(response, MAX_MANIFEST_SIZE).await.map_err(|e| Error::manifest_body(upstream.name(), e))?;
         upstream.count_bytes(bytes.len() as u64);
 
         let digest = Digest::of(&bytes);
-        let claimed = expected.map(Digest::to_string).or(announced.filter(|a| a.starts_with("sha256:")));
-        if let Some(claimed) = claimed.filter(|c| *c != digest.to_string()) {
+        if let Some(claimed) = mismatched_claim(&digest, expected, announced) {
             self.metrics.digest_mismatches.with_label_values(&[upstream.name()]).inc();
             tracing::error!(repo = %repo, reference, expected = %claimed, actual = %digest, "manifest refused: digest mismatch");
             return Err(Error::ManifestDigestMismatch {
@@ -563,9 +557,7 @@ impl Mirror {
             Error::ManifestInvalid { upstream: upstream.name().to_owned(), reason: "not a JSON manifest".into() }
         })?;
         let stored = StoredManifest { bytes, media_type };
-        if let Err(error) = self.store.put_manifest(&digest, &stored).await {
-            self.cannot_store(&error);
-        }
+        self.keep_manifest(&digest, &stored).await;
         self.share_manifest(&digest, &stored);
         self.refresh_pins(upstream, repo).await;
         Ok(Manifest {
@@ -603,21 +595,25 @@ impl Mirror {
                 return None;
             }
         };
-        let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let (content_type, announced) = (header("content-type"), header("docker-content-digest"));
-        let checked_at = header(crate::cluster::CHECKED_AT_HEADER).and_then(|v| v.parse().ok());
+        let (content_type, announced) = (header_text(&response, "content-type"), header_text(&response, DIGEST_HEADER));
+        let checked_at = header_text(&response, crate::cluster::CHECKED_AT_HEADER).and_then(|v| v.parse().ok());
         let bytes = read_limited(response, MAX_MANIFEST_SIZE).await.ok()?;
         let digest = Digest::of(&bytes);
-        if expected.is_some_and(|e| *e != digest) || announced.is_some_and(|a| a != digest.to_string()) {
-            tracing::error!(replica = %owner, repo = %repo, reference, "owner replica sent a manifest that does not match its digest");
+        if let Some(claimed) = mismatched_claim(&digest, expected, announced) {
+            tracing::error!(replica = %owner, repo = %repo, reference, expected = %claimed, actual = %digest, "owner replica sent a manifest that does not match its digest");
             return None;
         }
         let media_type = manifest_media_type(content_type.as_deref(), &bytes)?;
         let stored = StoredManifest { bytes, media_type };
-        if let Err(error) = self.store.put_manifest(&digest, &stored).await {
+        self.keep_manifest(&digest, &stored).await;
+        Some(Manifest { digest, media_type: stored.media_type, bytes: stored.bytes, source: Source::Cache, checked_at })
+    }
+
+    /// Stores a verified manifest in the local tier; a failure only costs a later refetch.
+    async fn keep_manifest(&self, digest: &Digest, stored: &StoredManifest) {
+        if let Err(error) = self.store.put_manifest(digest, stored).await {
             self.cannot_store(&error);
         }
-        Some(Manifest { digest, media_type: stored.media_type, bytes: stored.bytes, source: Source::Cache, checked_at })
     }
 
     /// A blob: from the cache, or streamed from a (shared) fill. `forwarded`: another
@@ -870,6 +866,19 @@ fn manifest_media_type(content_type: Option<&str>, bytes: &[u8]) -> Option<Strin
         return Some(field.to_owned());
     }
     Some(if object.contains_key("manifests") { MANIFEST_TYPES[0] } else { MANIFEST_TYPES[2] }.to_owned())
+}
+
+const DIGEST_HEADER: &str = "docker-content-digest";
+
+fn header_text(response: &reqwest::Response, name: &str) -> Option<String> {
+    response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+/// What received manifest bytes claimed to be, when it is not `digest`: the digest asked for,
+/// else the sender's `Docker-Content-Digest` (if sha256).
+fn mismatched_claim(digest: &Digest, expected: Option<&Digest>, announced: Option<String>) -> Option<String> {
+    let claimed = expected.map(Digest::to_string).or(announced.filter(|a| a.starts_with("sha256:")));
+    claimed.filter(|c| *c != digest.to_string())
 }
 
 /// Names this replica's access record in the shared tier: its cluster address, else its

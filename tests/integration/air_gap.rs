@@ -10,15 +10,14 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use serde_json::Value;
 
 use crate::harness::clients::containerd::{Containerd, containerd};
-use crate::harness::clients::docker::{docker_cli, dockerd_command};
+use crate::harness::clients::docker::{docker_cli, docker_pull, dockerd_command};
 use crate::harness::clients::skopeo::Skopeo;
 use crate::harness::clients::{PullClient, PulledImage, UNREACHABLE_REGISTRY};
 use crate::harness::images::{ARCHITECTURE, Fixture, PushedImage, digest_of};
 use crate::harness::mirror::{Mirror, MirrorConfig};
-use crate::harness::process::{self, Process, run, run_stdout, run_unchecked};
+use crate::harness::process::{self, Process, run, run_unchecked};
 use crate::harness::shared;
 use crate::harness::wait;
 use crate::harness::workdir::{self, Scratch};
@@ -389,22 +388,6 @@ impl PullClient for OfflineDockerd {
 
     fn pull(&self, reference: &str) -> Result<PulledImage> {
         run(self.docker()?.args(["image", "prune", "--all", "--force"]))?;
-        run(self.docker()?.args(["pull", "--platform"]).arg(format!("linux/{ARCHITECTURE}")).arg(reference))?;
-        let inspected: Value =
-            serde_json::from_str(&run_stdout(self.docker()?.args(["image", "inspect", reference]))?)?;
-        let image = &inspected[0];
-        let digests = image["RepoDigests"]
-            .as_array()
-            .context("no RepoDigests in `docker image inspect`")?
-            .iter()
-            .filter_map(|d| d.as_str()?.split_once('@'))
-            .map(|(_, digest)| digest.to_owned())
-            .collect();
-        Ok(PulledImage {
-            client: self.name(),
-            reference: reference.into(),
-            digests,
-            architecture: image["Architecture"].as_str().context("no Architecture in `docker image inspect`")?.into(),
-        })
+        docker_pull(|| self.docker(), reference)
     }
 }

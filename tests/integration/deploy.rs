@@ -192,6 +192,34 @@ fn yaml_documents_skip_empty_ones() -> Result<()> {
     Ok(())
 }
 
+/// Every document of every YAML file in `deploy/<dir>/`, with its file name, by file name.
+fn documents_in(dir: &str) -> Result<Vec<(String, Value)>> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(deploy_dir().join(dir))? {
+        let name = entry?.file_name().into_string().map_err(|name| anyhow::anyhow!("file name {name:?}"))?;
+        if name.ends_with(".yaml") || name.ends_with(".yml") {
+            let text = read(&format!("{dir}/{name}"))?;
+            let documents = yaml_documents(&text).with_context(|| format!("parsing {dir}/{name}"))?;
+            all.extend(documents.into_iter().map(|document| (name.clone(), document)));
+        }
+    }
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(all)
+}
+
+/// A compose service's mount is sound: a bind source (`./…`) exists under deploy/, a named
+/// volume is declared, and the target is absolute.
+fn check_mount(service: &str, source: &str, target: &str, declared: &serde_json::Map<String, Value>) -> Result<()> {
+    match source.strip_prefix("./") {
+        Some(relative) => {
+            ensure!(deploy_dir().join(relative).exists(), "{service} mounts {source}, which does not exist")
+        }
+        None => ensure!(declared.contains_key(source), "{service} mounts volume {source}, not declared"),
+    }
+    ensure!(target.starts_with('/'), "{service} mounts at relative path {target}");
+    Ok(())
+}
+
 /// The one document of `kind` among `documents` (named `name`, if given).
 fn one_object(documents: Vec<(String, Value)>, kind: &str, name: Option<&str>) -> Result<Value> {
     let mut found: Vec<Value> = documents

@@ -5,6 +5,7 @@
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 
+use super::check_mount;
 use super::{Served, at, config_facts, deploy_dir, dockerfile, read, str_at, tool, yaml, yaml_documents};
 use crate::harness::process::run;
 use crate::harness::workdir::Scratch;
@@ -80,13 +81,7 @@ fn compose_mounts_exist_and_services_restart() -> Result<()> {
             "{name} has no restart policy"
         );
         for (source, target) in compose.mounts(name)? {
-            match source.strip_prefix("./") {
-                Some(relative) => {
-                    ensure!(deploy_dir().join(relative).exists(), "{name} mounts {source}, which does not exist")
-                }
-                None => ensure!(declared.contains_key(&source), "{name} mounts volume {source}, not declared"),
-            }
-            ensure!(target.starts_with('/'), "{name} mounts at relative path {target}");
+            check_mount(name, &source, &target, declared)?;
         }
     }
     Ok(())

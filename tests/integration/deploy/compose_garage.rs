@@ -12,6 +12,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Map, Value};
 
+use super::check_mount;
 use super::{
     Served, at, closed_port, config_facts, credential_env, deploy_dir, dockerfile, read, replicated_config, str_at,
     tool, yaml, yaml_documents,
@@ -169,13 +170,7 @@ fn garage_compose_mounts_exist_and_services_restart() -> Result<()> {
             ensure!(matches!(restart, Some("unless-stopped" | "always")), "{name} has restart {restart:?}");
         }
         for (source, target, _) in mounts(service)? {
-            match source.strip_prefix("./") {
-                Some(relative) => {
-                    ensure!(deploy_dir().join(relative).exists(), "{name} mounts {source}, which does not exist")
-                }
-                None => ensure!(declared.contains_key(&source), "{name} mounts volume {source}, not declared"),
-            }
-            ensure!(target.starts_with('/'), "{name} mounts at relative path {target}");
+            check_mount(name, &source, &target, declared)?;
         }
     }
     Ok(())

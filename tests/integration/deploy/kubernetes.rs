@@ -9,21 +9,12 @@ use std::collections::BTreeSet;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
-use super::{Served, at, config_facts, deploy_dir, one_object, read, selects, str_at, yaml_documents};
+use super::documents_in;
+use super::{Served, at, config_facts, one_object, selects, str_at};
 
 /// Every document of every YAML file in `deploy/kubernetes/`, with its file name.
 fn documents() -> Result<Vec<(String, Value)>> {
-    let mut all = Vec::new();
-    for entry in std::fs::read_dir(deploy_dir().join("kubernetes"))? {
-        let name = entry?.file_name().into_string().map_err(|name| anyhow::anyhow!("file name {name:?}"))?;
-        if name.ends_with(".yaml") || name.ends_with(".yml") {
-            let text = read(&format!("kubernetes/{name}"))?;
-            let documents = yaml_documents(&text).with_context(|| format!("parsing kubernetes/{name}"))?;
-            all.extend(documents.into_iter().map(|document| (name.clone(), document)));
-        }
-    }
-    all.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(all)
+    documents_in("kubernetes")
 }
 
 /// The one document of `kind`.

@@ -8,26 +8,16 @@ use std::collections::BTreeSet;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
+use super::documents_in;
 use super::{
-    Served, at, closed_port, config_facts, credential_env, deploy_dir, one_object, read, replicated_config, selects,
-    str_at, yaml, yaml_documents,
+    Served, at, closed_port, config_facts, credential_env, one_object, read, replicated_config, selects, str_at, yaml,
 };
 
 const DIR: &str = "kubernetes-replicas";
 
 /// Every document of every YAML file in the directory, with its file name.
 fn documents() -> Result<Vec<(String, Value)>> {
-    let mut all = Vec::new();
-    for entry in std::fs::read_dir(deploy_dir().join(DIR))? {
-        let name = entry?.file_name().into_string().map_err(|name| anyhow::anyhow!("file name {name:?}"))?;
-        if name.ends_with(".yaml") || name.ends_with(".yml") {
-            let text = read(&format!("{DIR}/{name}"))?;
-            let documents = yaml_documents(&text).with_context(|| format!("parsing {DIR}/{name}"))?;
-            all.extend(documents.into_iter().map(|document| (name.clone(), document)));
-        }
-    }
-    all.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(all)
+    documents_in(DIR)
 }
 
 /// The one document of `kind` (named `name`, if given).

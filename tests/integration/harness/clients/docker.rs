@@ -74,6 +74,27 @@ impl Dockerd {
     }
 }
 
+/// `docker pull` of `reference` for this machine's platform with the CLI `docker` makes, and
+/// what `docker image inspect` then says the image is.
+pub fn docker_pull(docker: impl Fn() -> Result<Command>, reference: &str) -> Result<PulledImage> {
+    run(docker()?.args(["pull", "--platform"]).arg(format!("linux/{ARCHITECTURE}")).arg(reference))?;
+    let inspected: Value = serde_json::from_str(&run_stdout(docker()?.args(["image", "inspect", reference]))?)?;
+    let image = &inspected[0];
+    let digests = image["RepoDigests"]
+        .as_array()
+        .context("no RepoDigests in `docker image inspect`")?
+        .iter()
+        .filter_map(|repo_digest| repo_digest.as_str()?.split_once('@'))
+        .map(|(_, digest)| digest.to_owned())
+        .collect();
+    Ok(PulledImage {
+        client: "docker",
+        reference: reference.into(),
+        digests,
+        architecture: image["Architecture"].as_str().context("no Architecture in `docker image inspect`")?.into(),
+    })
+}
+
 /// `dockerd` with everything in `dir` (config `daemon.json`, data, exec root, pid file and
 /// the API socket `docker.sock`), no networking of its own, on `containerd`.
 pub fn dockerd_command(dir: &Scratch, containerd: &Containerd) -> Result<Command> {
@@ -126,22 +147,6 @@ impl PullClient for DockerSession {
 
     fn pull(&self, reference: &str) -> Result<PulledImage> {
         self.remove_all_images()?;
-        run(self.daemon.docker()?.args(["pull", "--platform"]).arg(format!("linux/{ARCHITECTURE}")).arg(reference))?;
-        let inspected = run_stdout(self.daemon.docker()?.args(["image", "inspect", reference]))?;
-        let inspected: Value = serde_json::from_str(&inspected)?;
-        let image = &inspected[0];
-        let digests = image["RepoDigests"]
-            .as_array()
-            .context("no RepoDigests in `docker image inspect`")?
-            .iter()
-            .filter_map(|repo_digest| repo_digest.as_str()?.split_once('@'))
-            .map(|(_, digest)| digest.to_owned())
-            .collect();
-        Ok(PulledImage {
-            client: self.name(),
-            reference: reference.into(),
-            digests,
-            architecture: image["Architecture"].as_str().context("no Architecture in `docker image inspect`")?.into(),
-        })
+        docker_pull(|| self.daemon.docker(), reference)
     }
 }
